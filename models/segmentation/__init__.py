@@ -1,0 +1,1 @@
+"""MONAI lesion + organ segmentation: network, preprocessing, inference, training."""
