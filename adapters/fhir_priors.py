@@ -163,6 +163,7 @@ def parse_priors_bundle(raw: Any, patient_id: str | None = None) -> tuple[str, l
         bundle = Bundle.model_validate(raw)
     except ValidationError as e:
         raise InvalidPriorsError(f"priors Bundle does not validate as FHIR R4: {_validation_summary(e)}") from None
+    _check_required_codes(bundle)
     by_ref: dict[str, Any] = {}
     for entry in bundle.entry or []:
         res = entry.resource
@@ -184,9 +185,34 @@ def parse_priors_bundle(raw: Any, patient_id: str | None = None) -> tuple[str, l
         )
     tps: list[PriorTimePoint] = []
     for rep in (r for r in resources if r.get_resource_type() == "DiagnosticReport"):
-        tps.append(_time_point(rep, by_ref))
+        if rep.status in _USABLE_STATUS:  # cancelled / entered-in-error reports are not priors
+            tps.append(_time_point(rep, by_ref))
     tps.sort(key=lambda t: t.study_date)
     return pid, tps
+
+
+# Required bindings that fhir.resources does not enforce (it checks datatypes, not value sets).
+_REQUIRED_STATUS = {
+    "Observation": {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
+                    "entered-in-error", "unknown"},
+    "DiagnosticReport": {"registered", "partial", "preliminary", "final", "amended", "corrected", "appended",
+                         "cancelled", "entered-in-error", "unknown"},
+    "ImagingStudy": {"registered", "available", "cancelled", "entered-in-error", "unknown"},
+}
+_USABLE_STATUS = {"final", "amended", "corrected", "appended", "preliminary"}
+
+
+def _check_required_codes(bundle: Bundle) -> None:
+    for n, entry in enumerate(bundle.entry or []):
+        res = entry.resource
+        if res is None:
+            continue
+        allowed = _REQUIRED_STATUS.get(res.get_resource_type())
+        if allowed is not None and getattr(res, "status", None) not in allowed:
+            raise InvalidPriorsError(
+                f"priors Bundle does not validate as FHIR R4: entry[{n}] {res.get_resource_type()}.status "
+                "is not a code of its required value set"
+            )
 
 
 def _date_of(value: Any) -> dt.date:
@@ -210,15 +236,16 @@ def _time_point(rep: Any, by_ref: dict[str, Any]) -> PriorTimePoint:
     findings: list[PriorFinding] = []
     for ref in rep.result or []:
         obs = by_ref.get(str(ref.reference))
-        if obs is None or obs.get_resource_type() != "Observation":
+        if obs is None or obs.get_resource_type() != "Observation" or obs.status not in _USABLE_STATUS:
             continue
         finding = _finding(obs, by_ref)
         if finding is not None:
             findings.append(finding)
     text = ""
     for att in rep.presentedForm or []:
-        if att.data:
-            text = base64.b64decode(att.data).decode("utf-8", errors="replace")
+        if att.data:  # fhir.resources decodes base64Binary to bytes on validation
+            raw = att.data if isinstance(att.data, bytes) else base64.b64decode(att.data)
+            text = raw.decode("utf-8", errors="replace")
             break
     if not text and rep.conclusion:
         text = str(rep.conclusion)

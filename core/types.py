@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +24,6 @@ __all__ = [
     "DetectedLesion",
     "FloatArray",
     "LabelId",
-    "Lesion",
     "Measurement",
     "Organ",
     "PriorFinding",
@@ -118,6 +117,19 @@ class Volume:
         return kji_to_lps(np.asarray(kji, dtype=float), self.spacing_kji_mm, self.origin_lps_mm,
                           self.direction_lps)
 
+    def lps_to_kji(self, lps: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Inverse of ``kji_to_lps``: fractional voxel indices ``[..., (k, j, i)]``."""
+        d = np.asarray(self.direction_lps, dtype=float)
+        rel = np.asarray(lps, dtype=float) - np.asarray(self.origin_lps_mm, dtype=float)
+        ijk_mm = rel @ d
+        out: npt.NDArray[np.float64] = (ijk_mm / np.asarray(self.spacing_kji_mm[::-1], dtype=float))[..., ::-1]
+        return out
+
+    def contains_lps(self, lps: tuple[float, float, float], margin_voxels: float = 0.5) -> bool:
+        """True when an LPS point lies within the scanned grid."""
+        kji = self.lps_to_kji(lps)
+        return bool(all(-margin_voxels <= kji[a] <= self.shape[a] - 1 + margin_voxels for a in range(3)))
+
 
 def kji_to_lps(
     kji: npt.NDArray[np.float64],
@@ -182,6 +194,7 @@ class DetectedLesion:
     measurement: Measurement
     probability: float
     voxel_count: int
+    laterality: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,12 +229,3 @@ class PriorTimePoint:
     findings: tuple[PriorFinding, ...]
     report_text: str = ""
     report_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Lesion:
-    """A lesion of the current study after comparison: detection plus its track."""
-
-    track_id: str
-    detected: DetectedLesion
-    prior_track: bool = field(default=False)

@@ -1,0 +1,51 @@
+"""``ImageSource`` over folders of DICOM files (the embedded default; PACS comes via DICOMweb)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from adapters.dicom_series import load_study
+from core.types import Volume
+
+__all__ = ["FolderImageSource"]
+
+
+class FolderImageSource:
+    """Loads a study from a folder path; finds prior studies by StudyInstanceUID under ``search_roots``.
+
+    The index of ``search_roots`` is built on first use by reading one header per folder.
+    """
+
+    def __init__(self, search_roots: list[Path] | None = None) -> None:
+        self.search_roots = list(search_roots or [])
+        self._index: dict[str, Path] | None = None
+
+    def load_study(self, ref: str) -> Volume:
+        return load_study(Path(ref))
+
+    def _build_index(self) -> dict[str, Path]:
+        index: dict[str, Path] = {}
+        for root in self.search_roots:
+            folders = {p.parent for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+            for folder in sorted(folders):
+                for f in sorted(folder.iterdir()):
+                    if not f.is_file():
+                        continue
+                    try:
+                        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                    except (InvalidDicomError, EOFError, OSError, ValueError):
+                        continue
+                    uid = str(ds.get("StudyInstanceUID", ""))
+                    if uid:
+                        index.setdefault(uid, folder)
+                    break
+        return index
+
+    def find_study(self, study_uid: str) -> Volume | None:
+        if self._index is None:
+            self._index = self._build_index()
+        folder = self._index.get(study_uid)
+        return load_study(folder) if folder is not None else None

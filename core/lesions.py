@@ -1,0 +1,94 @@
+"""From a segmentation to measured lesions: instances, organ, side, RECIST measurement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from core.geometry import measure_mask
+from core.types import DetectedLesion, LabelId, Organ, Segmentation, Volume
+
+__all__ = ["LesionFilter", "extract_lesions", "laterality_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class LesionFilter:
+    """What counts as a lesion: RECIST cannot use anything below 5 mm, and a weak, tiny blob is
+    more often noise than disease. Values are settings, reported with every result."""
+
+    min_long_axis_mm: float = 5.0
+    min_volume_ml: float = 0.05
+    min_probability: float = 0.5
+
+
+def _organ(labels: np.ndarray, comp: np.ndarray) -> Organ:
+    shell = ndimage.binary_dilation(comp, structure=np.ones((1, 5, 5), dtype=bool)) & ~comp
+    around = labels[shell]
+    n = max(int(around.size), 1)
+    liver = int(np.count_nonzero(around == LabelId.LIVER)) / n
+    lung = int(np.count_nonzero(around == LabelId.LUNG)) / n
+    if liver >= 0.3 and liver >= lung:
+        return Organ.LIVER
+    if lung >= 0.3:
+        return Organ.LUNG
+    return Organ.LYMPH_NODE
+
+
+def laterality_of(volume: Volume, kji: tuple[float, float, float]) -> str:
+    """Patient side of a point: left or right of the body's midline on its slice."""
+    k = int(round(kji[0]))
+    body = volume.voxels_hu[k] > -400.0
+    cols = np.flatnonzero(body.any(axis=0))
+    mid_i = (cols[0] + cols[-1]) / 2.0 if cols.size else volume.shape[2] / 2.0
+    mid = volume.kji_to_lps([kji[0], kji[1], mid_i])
+    pt = volume.kji_to_lps(list(kji))
+    return "left" if pt[0] > mid[0] else "right"  # LPS: +x is the patient's left
+
+
+def extract_lesions(volume: Volume, seg: Segmentation, keep: LesionFilter = LesionFilter()) -> list[DetectedLesion]:
+    """Connected lesion components that pass ``keep``, measured and placed, largest first."""
+    mask = seg.labels == LabelId.LESION
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    out: list[DetectedLesion] = []
+    if n == 0:
+        return out
+    boxes = ndimage.find_objects(comps)
+    sz, sy, sx = volume.spacing_kji_mm
+    voxel_ml = sz * sy * sx / 1000.0
+    for idx, box in enumerate(boxes, start=1):
+        if box is None:
+            continue
+        pad = tuple(slice(max(s.start - 3, 0), s.stop + 3) for s in box)
+        comp = comps[pad] == idx
+        count = int(comp.sum())
+        if count * voxel_ml < keep.min_volume_ml:
+            continue
+        prob = float(seg.lesion_probability[pad][comp].mean())
+        if prob < keep.min_probability:
+            continue
+        m = measure_mask(comp, volume.spacing_kji_mm)
+        if m.long_axis_mm < keep.min_long_axis_mm:
+            continue
+        offset = np.array([s.start for s in pad], dtype=float)
+        centroid_kji = np.argwhere(comp).mean(axis=0) + offset
+        (e0, e1) = m.long_axis_endpoints_kji
+        m = type(m)(
+            long_axis_mm=m.long_axis_mm, short_axis_mm=m.short_axis_mm, volume_ml=m.volume_ml,
+            slice_index=m.slice_index + int(offset[0]),
+            long_axis_endpoints_kji=(tuple(np.add(e0, offset).tolist()), tuple(np.add(e1, offset).tolist())),  # type: ignore[arg-type]
+        )
+        organ = _organ(seg.labels[pad], comp)
+        c = volume.kji_to_lps(centroid_kji)
+        out.append(DetectedLesion(
+            lesion_id=0, organ=organ, centroid_lps_mm=(float(c[0]), float(c[1]), float(c[2])),
+            measurement=m, probability=prob, voxel_count=count,
+            laterality=laterality_of(volume, (float(centroid_kji[0]), float(centroid_kji[1]),
+                                              float(centroid_kji[2]))) if organ is Organ.LUNG else None,
+        ))
+    out.sort(key=lambda d: -d.measurement.long_axis_mm)
+    return [
+        DetectedLesion(i + 1, d.organ, d.centroid_lps_mm, d.measurement, d.probability, d.voxel_count, d.laterality)
+        for i, d in enumerate(out)
+    ]

@@ -1,0 +1,85 @@
+"""Match the lesions of the current study to the tracks of prior studies.
+
+Each prior track is represented by its most recent finding, placed in the current study's frame
+by the alignment of the prior study it came from. The assignment minimizes, over all pairs of
+the same organ within the gate, distance (mm) plus a size-disagreement term, by the Hungarian
+method (scipy ``linear_sum_assignment``). Current lesions left over are new; tracks left over
+are resolved when their expected position lies inside the scanned range, not evaluable when it
+lies outside.
+
+Without a position for the priors (no image, no coordinates) there is nothing safe to match on:
+those tracks stay unmatched and are reported as not evaluable, never guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from core.types import DetectedLesion, PriorFinding
+
+__all__ = ["MatchResult", "TrackMatch", "match_lesions"]
+
+GATE_MM = 25.0
+SIZE_WEIGHT_MM = 10.0  # cost of a factor e (2.7x) between diameters, in mm of distance
+_BIG = 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class TrackMatch:
+    lesion_id: int
+    track_id: str
+    distance_mm: float
+
+
+@dataclass(frozen=True, slots=True)
+class MatchResult:
+    matches: tuple[TrackMatch, ...]
+    new_lesion_ids: tuple[int, ...]
+    unmatched_track_ids: tuple[str, ...]
+    unlocated_track_ids: tuple[str, ...]  # priors with no position: could not be matched
+
+
+def _size_cost(prior: PriorFinding, cur: DetectedLesion) -> float:
+    p = max(prior.long_axis_mm, 1.0)
+    c = max(cur.measurement.long_axis_mm, 1.0)
+    return SIZE_WEIGHT_MM * abs(math.log(c / p))
+
+
+def match_lesions(
+    current: Sequence[DetectedLesion],
+    priors_in_current_frame: Sequence[PriorFinding],
+    gate_mm: float = GATE_MM,
+) -> MatchResult:
+    """``priors_in_current_frame``: one finding per track, centroids already aligned."""
+    located = [p for p in priors_in_current_frame if p.centroid_lps_mm is not None]
+    unlocated = tuple(p.track_id for p in priors_in_current_frame if p.centroid_lps_mm is None)
+    if not current or not located:
+        return MatchResult((), tuple(c.lesion_id for c in current), tuple(p.track_id for p in located), unlocated)
+    cost = np.full((len(current), len(located)), _BIG)
+    dist = np.zeros_like(cost)
+    for i, c in enumerate(current):
+        for j, p in enumerate(located):
+            assert p.centroid_lps_mm is not None
+            d = float(np.linalg.norm(np.subtract(c.centroid_lps_mm, p.centroid_lps_mm)))
+            dist[i, j] = d
+            if c.organ == p.organ and d <= gate_mm:
+                cost[i, j] = d + _size_cost(p, c)
+    rows, cols = linear_sum_assignment(cost)
+    matches = [
+        TrackMatch(current[i].lesion_id, located[j].track_id, round(float(dist[i, j]), 2))
+        for i, j in zip(rows, cols, strict=True)
+        if cost[i, j] < _BIG
+    ]
+    matched_lesions = {m.lesion_id for m in matches}
+    matched_tracks = {m.track_id for m in matches}
+    return MatchResult(
+        matches=tuple(matches),
+        new_lesion_ids=tuple(c.lesion_id for c in current if c.lesion_id not in matched_lesions),
+        unmatched_track_ids=tuple(p.track_id for p in located if p.track_id not in matched_tracks),
+        unlocated_track_ids=unlocated,
+    )

@@ -1,0 +1,306 @@
+"""``analyze_study``: one follow-up CT from images to a measured, compared, worded report.
+
+Steps (each reported to ``progress``): ingest -> segment -> measure -> priors -> compare -> draft.
+Everything outside the core arrives through ports (``core.ports``); the function is the same in
+the command line, a Celery worker or a test.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from core.errors import AnalysisError, IntervalError
+from core.lesions import LesionFilter, extract_lesions
+from core.matching import GATE_MM, MatchResult, match_lesions
+from core.ports import ImageSource, PriorStore, Segmenter
+from core.recist import (
+    CurrentStatus,
+    RecistResult,
+    TrackObservation,
+    assess_response,
+    select_targets,
+)
+from core.registration import Alignment, estimate_translation
+from core.report import Change, LesionFact, ReportFacts, ReportText, classify_change, render_report
+from core.types import AcquisitionInfo, DetectedLesion, Organ, PriorFinding, PriorTimePoint, RecistRole, Volume
+
+__all__ = ["STEPS", "AnalysisSettings", "StudyResult", "TrackedLesion", "analyze_study"]
+
+STEPS = ("ingest", "segment", "measure", "priors", "compare", "draft")
+Progress = Callable[[str, str, str], None]
+_TRACK_NS = uuid.UUID("2f4b8c7e-3f0a-4a51-b3f3-2c9a4d0e7b11")
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisSettings:
+    lesion_filter: LesionFilter = field(default_factory=LesionFilter)
+    gate_mm: float = GATE_MM
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedLesion:
+    """One track as seen by this study: its identity, its history's last entry, and now."""
+
+    track_id: str
+    label: str
+    organ: Organ
+    laterality: str | None
+    role: RecistRole | None
+    change: Change
+    status: CurrentStatus
+    detected: DetectedLesion | None
+    prior: PriorFinding | None
+    prior_date: dt.date | None
+    match_distance_mm: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StudyResult:
+    acquisition: AcquisitionInfo
+    model_version: str
+    lesions: tuple[TrackedLesion, ...]
+    recist: RecistResult | None
+    facts: ReportFacts
+    report: ReportText
+    prior_dates: tuple[dt.date, ...]
+    alignments: dict[str, Alignment]
+    step_seconds: dict[str, float]
+    warnings: tuple[str, ...]
+    volume_shape: tuple[int, int, int]
+    spacing_kji_mm: tuple[float, float, float]
+
+
+def _noop(step: str, state: str, detail: str) -> None:
+    return None
+
+
+def new_track_id(study_uid: str, lesion_id: int) -> str:
+    """A DICOM UID (2.25 form, from a name-based UUID) for a lesion first seen in this study."""
+    return f"2.25.{uuid.uuid5(_TRACK_NS, f'{study_uid}/{lesion_id}').int}"
+
+
+class _Steps:
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[list[str]]:
+        detail: list[str] = []
+        self.progress(name, "start", "")
+        t0 = time.perf_counter()
+        try:
+            yield detail
+        except IntervalError:
+            self.progress(name, "failed", "")
+            raise
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+        self.progress(name, "done", "; ".join(detail))
+
+
+def analyze_study(
+    study_ref: str,
+    *,
+    images: ImageSource,
+    priors: PriorStore,
+    segmenter: Segmenter,
+    settings: AnalysisSettings | None = None,
+    progress: Progress = _noop,
+) -> StudyResult:
+    settings = settings or AnalysisSettings()
+    steps = _Steps(progress)
+    warnings: list[str] = []
+    with steps.step("ingest") as d:
+        volume = images.load_study(study_ref)
+        acq = volume.acquisition
+        if acq is None:
+            raise AnalysisError("the image source returned a volume without acquisition facts")
+        d.append(f"{volume.shape[0]} slices, {acq.manufacturer or 'unknown vendor'}")
+    with steps.step("segment") as d:
+        seg = segmenter.segment(volume)
+        if seg.labels.shape != volume.shape:
+            raise AnalysisError(
+                f"segmenter returned shape {seg.labels.shape} for a volume of shape {volume.shape}",
+                study_uid=acq.study_uid,
+            )
+        d.append(f"model {segmenter.model_version}")
+    with steps.step("measure") as d:
+        detected = extract_lesions(volume, seg, settings.lesion_filter)
+        d.append(f"{len(detected)} lesion(s)")
+    with steps.step("priors") as d:
+        tps = [tp for tp in priors.prior_time_points(acq.patient_id, before=acq.study_date)
+               if tp.study_uid != acq.study_uid]
+        d.append(f"{len(tps)} prior stud{'y' if len(tps) == 1 else 'ies'}")
+    with steps.step("compare") as d:
+        alignments: dict[str, Alignment] = {}
+        if tps:
+            lesions, recist = _compare(volume, detected, tps, images, settings, alignments, warnings)
+            d.append(f"RECIST {recist.category.value}")
+        else:
+            lesions, recist = _baseline(acq.study_uid, detected), None
+            d.append("baseline study")
+    with steps.step("draft") as d:
+        facts = ReportFacts(
+            study_date=acq.study_date,
+            study_uid=acq.study_uid,
+            comparison_dates=tuple(tp.study_date for tp in reversed(tps)),
+            lesions=tuple(_fact(t) for t in lesions),
+            recist=recist,
+            prior_impression=tps[-1].report_text if tps else "",
+        )
+        report = render_report(facts)
+        d.append("deterministic wording")
+    return StudyResult(
+        acquisition=acq, model_version=segmenter.model_version, lesions=tuple(lesions), recist=recist,
+        facts=facts, report=report, prior_dates=tuple(tp.study_date for tp in tps), alignments=alignments,
+        step_seconds=steps.seconds, warnings=tuple(warnings), volume_shape=volume.shape,
+        spacing_kji_mm=volume.spacing_kji_mm,
+    )
+
+
+def _fact(t: TrackedLesion) -> LesionFact:
+    m = t.detected.measurement if t.detected else None
+    return LesionFact(
+        track_id=t.track_id, label=t.label, organ=t.organ, laterality=t.laterality, role=t.role, change=t.change,
+        long_axis_mm=m.long_axis_mm if m else (0.0 if t.status is CurrentStatus.ABSENT else None),
+        short_axis_mm=m.short_axis_mm if m else (0.0 if t.status is CurrentStatus.ABSENT else None),
+        prior_long_axis_mm=t.prior.long_axis_mm if t.prior else None,
+        prior_short_axis_mm=t.prior.short_axis_mm if t.prior else None,
+        prior_date=t.prior_date, confidence=t.detected.probability if t.detected else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _AsMeasured:
+    track_id: str
+    organ: Organ
+    long_axis_mm: float
+    short_axis_mm: float
+
+
+def _baseline(study_uid: str, detected: list[DetectedLesion]) -> list[TrackedLesion]:
+    ids = {d.lesion_id: new_track_id(study_uid, d.lesion_id) for d in detected}
+    roles = select_targets([
+        _AsMeasured(ids[d.lesion_id], d.organ, d.measurement.long_axis_mm, d.measurement.short_axis_mm)
+        for d in detected
+    ])
+    return [
+        TrackedLesion(ids[d.lesion_id], f"L{d.lesion_id}", d.organ, d.laterality, roles.get(ids[d.lesion_id]),
+                      Change.BASELINE, CurrentStatus.MEASURED, d, None, None)
+        for d in detected
+    ]
+
+
+def _latest_findings(tps: list[PriorTimePoint]) -> dict[str, tuple[PriorFinding, PriorTimePoint]]:
+    latest: dict[str, tuple[PriorFinding, PriorTimePoint]] = {}
+    for tp in tps:  # oldest first: later time points overwrite
+        for f in tp.findings:
+            latest[f.track_id] = (f, tp)
+    return latest
+
+
+def _in_current_frame(
+    volume: Volume,
+    latest: dict[str, tuple[PriorFinding, PriorTimePoint]],
+    images: ImageSource,
+    alignments: dict[str, Alignment],
+    warnings: list[str],
+) -> list[PriorFinding]:
+    moved: list[PriorFinding] = []
+    missing_images: set[str] = set()
+    for f, tp in latest.values():
+        if f.centroid_lps_mm is None:
+            moved.append(f)
+            continue
+        if tp.study_uid not in alignments and tp.study_uid not in missing_images:
+            prior_volume = images.find_study(tp.study_uid) if tp.study_uid else None
+            if prior_volume is None:
+                missing_images.add(tp.study_uid)
+                warnings.append(
+                    f"images of the prior study of {tp.study_date.isoformat()} are not available: its lesions "
+                    "could not be located and are not evaluable"
+                )
+            else:
+                alignments[tp.study_uid] = estimate_translation(volume, prior_volume)
+        al = alignments.get(tp.study_uid)
+        centroid = al.apply(f.centroid_lps_mm) if al else None
+        moved.append(PriorFinding(f.track_id, f.organ, f.long_axis_mm, f.short_axis_mm, centroid, f.role, f.source,
+                                  f.laterality, f.label))
+    return moved
+
+
+def _compare(
+    volume: Volume,
+    detected: list[DetectedLesion],
+    tps: list[PriorTimePoint],
+    images: ImageSource,
+    settings: AnalysisSettings,
+    alignments: dict[str, Alignment],
+    warnings: list[str],
+) -> tuple[list[TrackedLesion], RecistResult]:
+    acq = volume.acquisition
+    assert acq is not None
+    latest = _latest_findings(tps)
+    moved = _in_current_frame(volume, latest, images, alignments, warnings)
+    result: MatchResult = match_lesions(detected, moved, settings.gate_mm)
+    by_lesion = {d.lesion_id: d for d in detected}
+    by_track_moved = {f.track_id: f for f in moved}
+    match_of = {m.track_id: m for m in result.matches}
+
+    baseline = tps[0]
+    roles: dict[str, RecistRole] = {f.track_id: f.role for f in baseline.findings if f.role in (
+        RecistRole.TARGET, RecistRole.NON_TARGET)}
+    if not roles:
+        roles = select_targets(list(baseline.findings))
+    baseline_ids = {f.track_id for f in baseline.findings}
+
+    current: dict[str, TrackObservation] = {}
+    tracked: list[TrackedLesion] = []
+    for track_id, (f, tp) in latest.items():
+        m = match_of.get(track_id)
+        det = by_lesion[m.lesion_id] if m else None
+        if det is not None:
+            obs = TrackObservation(CurrentStatus.MEASURED, det.measurement.long_axis_mm, det.measurement.short_axis_mm)
+        else:
+            pos = by_track_moved[track_id].centroid_lps_mm
+            status = (CurrentStatus.ABSENT if pos is not None and volume.contains_lps(pos)
+                      else CurrentStatus.NOT_EVALUABLE)
+            obs = TrackObservation(status)
+        current[track_id] = obs
+        cur_d = obs.diameter_mm(f.organ)
+        role = roles.get(track_id) or (RecistRole.NEW if track_id not in baseline_ids else None)
+        tracked.append(TrackedLesion(
+            track_id=track_id, label=f.label or track_id[-6:], organ=f.organ,
+            laterality=f.laterality or (det.laterality if det else None), role=role,
+            change=classify_change(f.recist_diameter_mm(), cur_d, f.organ), status=obs.status,
+            detected=det, prior=f, prior_date=tp.study_date, match_distance_mm=m.distance_mm if m else None,
+        ))
+    next_label = 1 + max((int(f.label[1:]) for f, _ in latest.values()
+                          if f.label.startswith("L") and f.label[1:].isdigit()), default=0)
+    new_ids: list[str] = []
+    for n, lesion_id in enumerate(result.new_lesion_ids):
+        det = by_lesion[lesion_id]
+        tid = new_track_id(acq.study_uid, lesion_id)
+        new_ids.append(tid)
+        tracked.append(TrackedLesion(tid, f"L{next_label + n}", det.organ, det.laterality, RecistRole.NEW,
+                                     Change.NEW, CurrentStatus.MEASURED, det, None, None))
+    # A lesion absent at baseline that is present now keeps the assessment PD (RECIST 1.1
+    # progression is not undone at later time points).
+    earlier_new = [tid for tid in latest if tid not in baseline_ids and current[tid].status is CurrentStatus.MEASURED]
+    previous_sums: list[float | None] = []
+    for tp in tps[1:]:
+        seen = {f.track_id: f for f in tp.findings}
+        previous_sums.append(float(sum(
+            seen[t].recist_diameter_mm() if t in seen else 0.0
+            for t, r in roles.items() if r is RecistRole.TARGET
+        )))
+    recist = assess_response(
+        list(baseline.findings), roles, current, previous_sums, [*earlier_new, *new_ids],
+    )
+    tracked.sort(key=lambda t: (t.label[:1], int(t.label[1:]) if t.label[1:].isdigit() else 0))
+    return tracked, recist

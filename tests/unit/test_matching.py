@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from core.matching import match_lesions
+from core.types import DetectedLesion, Measurement, Organ, PriorFinding
+
+
+def det(i: int, organ: Organ, xyz: tuple[float, float, float], long_mm: float) -> DetectedLesion:
+    m = Measurement(long_mm, long_mm * 0.7, 1.0, 0, ((0, 0, 0), (0, 0, 1)))
+    return DetectedLesion(i, organ, xyz, m, 0.9, 100)
+
+
+def prior(t: str, organ: Organ, xyz, long_mm: float) -> PriorFinding:
+    return PriorFinding(t, organ, long_mm, long_mm * 0.7, xyz)
+
+
+def test_optimal_assignment_prefers_global_fit_over_greedy():
+    # greedy nearest-first would give c1->A, leaving c2 outside the gate of B
+    cur = [det(1, Organ.LIVER, (0, 0, 0), 20), det(2, Organ.LIVER, (22, 0, 0), 20)]
+    pri = [prior("A", Organ.LIVER, (8, 0, 0), 20), prior("B", Organ.LIVER, (-12, 0, 0), 20)]
+    r = match_lesions(cur, pri, gate_mm=25)
+    assert {(m.lesion_id, m.track_id) for m in r.matches} == {(1, "B"), (2, "A")}
+    assert r.new_lesion_ids == () and r.unmatched_track_ids == ()
+
+
+def test_organ_and_gate_separate_new_from_resolved():
+    cur = [det(1, Organ.LUNG, (0, 0, 0), 10), det(2, Organ.LIVER, (100, 0, 0), 15)]
+    pri = [prior("A", Organ.LIVER, (2, 0, 0), 10), prior("B", Organ.LIVER, (160, 0, 0), 15)]
+    r = match_lesions(cur, pri)
+    assert r.matches == ()
+    assert set(r.new_lesion_ids) == {1, 2}
+    assert set(r.unmatched_track_ids) == {"A", "B"}
+
+
+def test_priors_without_position_are_never_guessed():
+    cur = [det(1, Organ.LIVER, (0, 0, 0), 20)]
+    r = match_lesions(cur, [PriorFinding("A", Organ.LIVER, 20, 14, None)])
+    assert r.unlocated_track_ids == ("A",)
+    assert r.new_lesion_ids == (1,)

@@ -1,0 +1,91 @@
+"""The core pipeline through its ports, with the ground truth standing in for the model.
+
+With perfect segmentation, what is left to be right is Interval's own logic: volume geometry,
+measurement, alignment of the prior, matching, RECIST and wording. The model itself is measured
+in tests/integration and models/weights/metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapters.image_folder import FolderImageSource
+from adapters.prior_bundle import BundlePriorStore, NoPriors
+from core.pipeline import STEPS, analyze_study
+from core.recist import CurrentStatus
+from core.registration import estimate_translation
+from core.types import Segmentation, Volume
+from fixtures.synth.demo import compare_with_truth
+
+
+class TruthSegmenter:
+    """Returns the generator's label map for the study (a test double of the Segmenter port)."""
+
+    model_version = "truth"
+
+    def __init__(self, patient_folder: Path) -> None:
+        self.by_uid = {}
+        for tp in patient_folder.glob("t*"):
+            truth = json.loads((tp / "truth.json").read_text())
+            self.by_uid[truth["study_uid"]] = tp / "truth_labels.npz"
+
+    def segment(self, volume: Volume) -> Segmentation:
+        assert volume.acquisition is not None
+        labels = np.load(self.by_uid[volume.acquisition.study_uid])["labels"]
+        return Segmentation(labels=labels, lesion_probability=(labels == 3).astype(np.float32))
+
+
+def test_follow_up_with_perfect_segmentation_matches_truth(demo_patient):
+    folder = demo_patient.folder
+    follow = folder / demo_patient.time_points[-1]
+    steps: list[tuple[str, str]] = []
+    result = analyze_study(
+        str(follow / "dicom"), images=FolderImageSource([folder]), priors=BundlePriorStore(folder / "priors.json"),
+        segmenter=TruthSegmenter(folder), progress=lambda s, state, d: steps.append((s, state)),
+    )
+    agreement = compare_with_truth(result, follow / "truth.json")
+    assert agreement.ok, agreement.reason
+    assert result.recist is not None and result.recist.trace
+    assert [s for s, state in steps if state == "done"] == list(STEPS)
+    assert len(result.alignments) == 1
+    assert "RECIST 1.1" in result.report.impression
+    for t in result.lesions:
+        assert t.label in result.report.findings
+
+
+def test_baseline_study_selects_targets(demo_patient):
+    folder = demo_patient.folder
+    result = analyze_study(str(folder / "t0" / "dicom"), images=FolderImageSource(), priors=NoPriors(),
+                           segmenter=TruthSegmenter(folder))
+    assert result.recist is None
+    truth = json.loads((folder / "t0" / "truth.json").read_text())
+    assert len(result.lesions) == sum(1 for les in truth["lesions"] if les["present"])
+    assert "Baseline study" in result.report.impression
+
+
+def test_prior_without_images_is_not_evaluable_and_says_why(demo_patient):
+    folder = demo_patient.folder
+    follow = folder / demo_patient.time_points[-1]
+    result = analyze_study(str(follow / "dicom"), images=FolderImageSource([]),
+                           priors=BundlePriorStore(folder / "priors.json"), segmenter=TruthSegmenter(folder))
+    assert any("not available" in w for w in result.warnings)
+    assert all(t.status is not CurrentStatus.ABSENT for t in result.lesions)
+
+
+def test_registration_recovers_the_repositioning(demo_patient):
+    folder = demo_patient.folder
+    cur = FolderImageSource().load_study(str(folder / "t1" / "dicom"))
+    pri = FolderImageSource().load_study(str(folder / "t0" / "dicom"))
+    al = estimate_translation(cur, pri)
+    t0 = json.loads((folder / "t0" / "truth.json").read_text())
+    t1 = json.loads((folder / "t1" / "truth.json").read_text())
+    for a, b in zip(t0["lesions"], t1["lesions"], strict=True):
+        if a["present"] and b["present"]:
+            err = np.subtract(b["center_lps_mm"], al.apply(tuple(a["center_lps_mm"])))
+            # rotation about the long axis (up to 3.4 degrees) is left to the matcher's gate
+            assert np.linalg.norm(err) < 10.0
+    assert al.score > 0.8

@@ -1,0 +1,187 @@
+"""The ``interval`` command line.
+
+    interval analyze STUDY_DIR --priors BUNDLE.json [--prior-images DIR] [--out DIR]
+    interval synth OUT_DIR [--patients N] [--seed S]
+    interval demo [--out DIR]
+
+Errors end in one readable line on stderr and a non-zero exit code (2 bad input, 3 model,
+4 external service, 70 internal); never a traceback (an internal error's traceback goes to a
+log file whose path is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from core.errors import ExternalServiceError, InputError, IntervalError, ModelError  # noqa: E402
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Interval: follow-up CT analysis with RECIST 1.1 and a grounded report.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+EXIT_CODES: list[tuple[type[IntervalError], int]] = [(InputError, 2), (ModelError, 3), (ExternalServiceError, 4)]
+
+
+@contextmanager
+def _user_errors(log_dir: Path | None = None) -> Iterator[None]:
+    try:
+        yield
+    except IntervalError as e:
+        code = next((c for t, c in EXIT_CODES if isinstance(e, t)), 1)
+        err_console.print(f"[bold red]error[/]: {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - the last line of defence: log, never show a traceback
+        log = (log_dir or Path.cwd()) / "interval-error.log"
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(traceback.format_exc())
+            where = f"; details in {log}"
+        except OSError:
+            where = ""
+        err_console.print(f"[bold red]internal error[/]: {type(e).__name__}{where}", highlight=False)
+        raise typer.Exit(70) from None
+
+
+def _progress_callback(progress: Progress) -> Callable[[str, str, str], None]:
+    tasks: dict[str, Any] = {}
+
+    def on(step: str, state: str, detail: str) -> None:
+        if state == "start":
+            tasks[step] = progress.add_task(f"{step}", total=1)
+        elif state == "done":
+            progress.update(tasks[step], completed=1, description=f"{step} [dim]{detail}[/]")
+        else:
+            progress.update(tasks[step], description=f"[red]{step} failed[/]")
+
+    return on
+
+
+def run_analysis(study_dir: Path, priors: Path | None, prior_images: list[Path], out: Path, quiet: bool = False) -> Any:
+    """Analyze one study in-process and write report.json + report.md; returns the result."""
+    from adapters.image_folder import FolderImageSource
+    from adapters.prior_bundle import BundlePriorStore, NoPriors
+    from adapters.report_json import result_to_json, result_to_markdown
+    from adapters.settings import Settings
+    from core.pipeline import analyze_study
+    from models.segmentation.inference import MonaiSegmenter
+
+    settings = Settings()
+    roots = prior_images or ([priors.parent] if priors is not None else [])
+    images = FolderImageSource(roots)
+    store = BundlePriorStore(priors) if priors is not None else NoPriors()
+    if priors is not None:
+        from adapters.fhir_priors import load_priors
+
+        load_priors(priors)  # validate up front: a bad priors file fails before minutes of inference
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err_console, disable=quiet, transient=False) as progress:
+        on = _progress_callback(progress)
+        on("load model", "start", "")
+        segmenter = MonaiSegmenter(settings.segmenter_weights)
+        on("load model", "done", segmenter.model_version)
+        result = analyze_study(str(study_dir), images=images, priors=store, segmenter=segmenter,
+                               settings=settings.analysis(), progress=on)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result_to_json(result), indent=1))
+    (out / "report.md").write_text(result_to_markdown(result))
+    return result
+
+
+def _print_report(result: Any, out: Path) -> None:
+    from adapters.report_json import result_to_markdown
+
+    out_console.print(result_to_markdown(result), highlight=False, markup=False)
+    out_console.print(f"[green]wrote[/] {out / 'report.json'} and {out / 'report.md'}")
+
+
+@app.command()
+def analyze(
+    study_dir: Annotated[Path, typer.Argument(help="Folder with the current CT study (DICOM files).")],
+    priors: Annotated[Path | None, typer.Option(help="FHIR R4 Bundle of the patient's prior findings.")] = None,
+    prior_images: Annotated[list[Path] | None, typer.Option(
+        help="Folder(s) searched for prior studies by StudyInstanceUID (default: the priors file's folder).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for report.json and report.md.")] = Path("out"),
+    quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+) -> None:
+    """Analyze one follow-up CT study against the patient's priors."""
+    with _user_errors(out):
+        result = run_analysis(study_dir, priors, list(prior_images or []), out, quiet)
+        _print_report(result, out)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the cohort into.")],
+    patients: Annotated[int, typer.Option(min=1, help="Number of patients.")] = 4,
+    seed: Annotated[int, typer.Option(help="Cohort seed (same seed, same cohort).")] = 7,
+    vendors: Annotated[str, typer.Option(help="Comma-separated vendor profiles.")] = "ge,siemens,philips,canon",
+    start: Annotated[int, typer.Option(help="Index of the first patient.")] = 0,
+) -> None:
+    """Generate a synthetic longitudinal CT cohort with ground truth and FHIR priors."""
+    from fixtures.synth.cohort import CohortOptions, make_cohort
+    from fixtures.synth.vendors import VENDORS
+
+    with _user_errors(out):
+        names = tuple(v.strip() for v in vendors.split(",") if v.strip())
+        unknown = [v for v in names if v not in VENDORS]
+        if unknown:
+            raise InputError(f"unknown vendor profile(s) {unknown}; choose from {sorted(VENDORS)}")
+        made = make_cohort(out, patients, CohortOptions(seed=seed, vendors=names), start=start)
+        for p in made:
+            out_console.print(f"{p.patient_id}: {len(p.time_points)} time points in {p.folder}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Working folder for the demo patient and report.")] = Path("out/demo"),
+    check: Annotated[bool, typer.Option(help="Exit 3 when the report disagrees with the ground truth.")] = True,
+) -> None:
+    """Generate the demo patient (two time points), analyze the follow-up, compare with the truth."""
+    from fixtures.synth.demo import DEMO_OPTIONS, DEMO_PATIENT_INDEX, compare_with_truth
+    from fixtures.synth.cohort import make_patient
+
+    with _user_errors(out):
+        patient = make_patient(out / "cohort", DEMO_PATIENT_INDEX, DEMO_OPTIONS)
+        follow_up = patient.folder / patient.time_points[-1]
+        result = run_analysis(follow_up / "dicom", patient.folder / "priors.json", [patient.folder],
+                              out / "report")
+        _print_report(result, out / "report")
+        agreement = compare_with_truth(result, follow_up / "truth.json")
+        table = Table(title="Demo: report vs generated ground truth")
+        for col in ("lesion", "organ", "truth", "measured", "error", "ok"):
+            table.add_column(col)
+        for row in agreement.rows:
+            table.add_row(*row)
+        out_console.print(table)
+        out_console.print(f"RECIST: truth {agreement.truth_category}, report {agreement.category}")
+        if agreement.ok:
+            out_console.print("[bold green]demo report matches the ground truth[/]")
+        else:
+            out_console.print(f"[bold red]demo report disagrees with the ground truth[/]: {agreement.reason}")
+            if check:
+                raise typer.Exit(3)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
