@@ -97,7 +97,9 @@ def _select(folder: Path, scan: FolderScan) -> SeriesCandidate:
     for uid, items in scan.series.items():
         first = items[0][1]
         if first.get("SOPClassUID") == ENHANCED_CT or int(first.get("NumberOfFrames", 1) or 1) > 1:
-            reasons.append(f"series {uid}: enhanced multi-frame CT is not supported; export as single-frame CT")
+            reasons.append(
+                f"series {uid}: enhanced multi-frame CT is not supported; export as single-frame CT"
+            )
             continue
         if _is_localizer(first):
             reasons.append(f"series {uid}: localizer")
@@ -164,7 +166,9 @@ def _date(ds: Dataset) -> dt.date:
     try:
         return dt.datetime.strptime(raw, "%Y%m%d").date()
     except ValueError:
-        raise InvalidVolumeError("the series has no valid StudyDate; a follow-up cannot be ordered in time") from None
+        raise InvalidVolumeError(
+            "the series has no valid StudyDate; a follow-up cannot be ordered in time"
+        ) from None
 
 
 def load_study(folder: Path) -> Volume:
@@ -212,6 +216,6 @@ def load_study(folder: Path) -> Volume:
         voxels_hu=voxels,
         spacing_kji_mm=(spacing, row_sp, col_sp),
         origin_lps_mm=(origin[0], origin[1], origin[2]),
-        direction_lps=tuple(tuple(float(x) for x in row) for row in directions),  # type: ignore[arg-type]
+        direction_lps=tuple((float(r[0]), float(r[1]), float(r[2])) for r in directions),
         acquisition=info,
     )

@@ -55,11 +55,19 @@ def priors_to_bundle(patient_id: str, time_points: Iterable[PriorTimePoint]) -> 
     for tp in time_points:
         date = tp.study_date.isoformat()
         is_url = _urn("ImagingStudy", tp.study_uid)
-        entries.append({"fullUrl": is_url, "resource": {
-            "resourceType": "ImagingStudy", "status": "available", "subject": {"reference": pat_url},
-            "started": date, "identifier": [{"system": C.DICOM_UID, "value": f"urn:oid:{tp.study_uid}"}],
-            "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
-        }})
+        entries.append(
+            {
+                "fullUrl": is_url,
+                "resource": {
+                    "resourceType": "ImagingStudy",
+                    "status": "available",
+                    "subject": {"reference": pat_url},
+                    "started": date,
+                    "identifier": [{"system": C.DICOM_UID, "value": f"urn:oid:{tp.study_uid}"}],
+                    "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
+                },
+            }
+        )
         obs_urls: list[str] = []
         for f in tp.findings:
             if f.track_id not in tumors:
@@ -71,8 +79,9 @@ def priors_to_bundle(patient_id: str, time_points: Iterable[PriorTimePoint]) -> 
                     "identifier": [{"system": C.DICOM_UID, "value": f"urn:oid:{f.track_id}"}],
                     "location": _coding(C.SNOMED, code, display),
                     "patient": {"reference": pat_url},
-                    "morphology": _coding(C.SNOMED, "367651003", "Malignant neoplasm of primary, secondary, "
-                                          "or uncertain origin"),
+                    "morphology": _coding(
+                        C.SNOMED, "367651003", "Malignant neoplasm of primary, secondary, or uncertain origin"
+                    ),
                 }
                 if f.label:
                     bs["identifier"].append({"system": C.LABEL_SYSTEM, "value": f.label})
@@ -92,17 +101,27 @@ def priors_to_bundle(patient_id: str, time_points: Iterable[PriorTimePoint]) -> 
                 "focus": [{"reference": tumors[f.track_id]}],
                 "derivedFrom": [{"reference": is_url}],
                 "component": [
-                    {"code": _coding(C.LOINC, C.LONGEST_DIM, "Size.maximum dimension in Tumor"),
-                     "valueQuantity": _mm(f.long_axis_mm)},
-                    {"code": _coding(C.LOINC, C.OTHER_DIM, "Size additional dimension in Tumor"),
-                     "valueQuantity": _mm(f.short_axis_mm)},
+                    {
+                        "code": _coding(C.LOINC, C.LONGEST_DIM, "Size.maximum dimension in Tumor"),
+                        "valueQuantity": _mm(f.long_axis_mm),
+                    },
+                    {
+                        "code": _coding(C.LOINC, C.OTHER_DIM, "Size additional dimension in Tumor"),
+                        "valueQuantity": _mm(f.short_axis_mm),
+                    },
                 ],
             }
             ext: list[dict[str, Any]] = []
             if f.centroid_lps_mm is not None:
-                ext.append({"url": C.EXT_CENTROID, "extension": [
-                    {"url": axis, "valueDecimal": round(v, 1)} for axis, v in zip("xyz", f.centroid_lps_mm,
-                                                                                  strict=True)]})
+                ext.append(
+                    {
+                        "url": C.EXT_CENTROID,
+                        "extension": [
+                            {"url": axis, "valueDecimal": round(v, 1)}
+                            for axis, v in zip("xyz", f.centroid_lps_mm, strict=True)
+                        ],
+                    }
+                )
             if f.role is not None:
                 ext.append({"url": C.EXT_ROLE, "valueCode": f.role.value})
             if ext:
@@ -120,8 +139,12 @@ def priors_to_bundle(patient_id: str, time_points: Iterable[PriorTimePoint]) -> 
             "result": [{"reference": u} for u in obs_urls],
         }
         if tp.report_text:
-            report["presentedForm"] = [{"contentType": "text/plain; charset=utf-8",
-                                        "data": base64.b64encode(tp.report_text.encode()).decode()}]
+            report["presentedForm"] = [
+                {
+                    "contentType": "text/plain; charset=utf-8",
+                    "data": base64.b64encode(tp.report_text.encode()).decode(),
+                }
+            ]
         entries.append({"fullUrl": _urn("DiagnosticReport", tp.study_uid), "resource": report})
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
@@ -162,7 +185,9 @@ def parse_priors_bundle(raw: Any, patient_id: str | None = None) -> tuple[str, l
     try:
         bundle = Bundle.model_validate(raw)
     except ValidationError as e:
-        raise InvalidPriorsError(f"priors Bundle does not validate as FHIR R4: {_validation_summary(e)}") from None
+        raise InvalidPriorsError(
+            f"priors Bundle does not validate as FHIR R4: {_validation_summary(e)}"
+        ) from None
     _check_required_codes(bundle)
     by_ref: dict[str, Any] = {}
     for entry in bundle.entry or []:
@@ -173,11 +198,12 @@ def parse_priors_bundle(raw: Any, patient_id: str | None = None) -> tuple[str, l
             by_ref[str(entry.fullUrl)] = res
         if getattr(res, "id", None):
             by_ref[f"{res.get_resource_type()}/{res.id}"] = res
-    resources = [e.resource for e in bundle.entry or [] if e.resource is not None]
+    resources: list[Any] = [e.resource for e in bundle.entry or [] if e.resource is not None]
     patients = [r for r in resources if r.get_resource_type() == "Patient"]
     if len(patients) != 1:
         raise InvalidPriorsError(f"priors Bundle must hold exactly one Patient, found {len(patients)}")
-    pid = next((str(i.value) for i in patients[0].identifier or [] if i.value), patients[0].id or "")
+    patient: Any = patients[0]
+    pid = next((str(i.value) for i in patient.identifier or [] if i.value), patient.id or "")
     if patient_id is not None and pid != patient_id:
         raise PatientMismatchError(
             "priors Bundle is about a different patient than the study (patient identifiers differ); "
@@ -193,10 +219,28 @@ def parse_priors_bundle(raw: Any, patient_id: str | None = None) -> tuple[str, l
 
 # Required bindings that fhir.resources does not enforce (it checks datatypes, not value sets).
 _REQUIRED_STATUS = {
-    "Observation": {"registered", "preliminary", "final", "amended", "corrected", "cancelled",
-                    "entered-in-error", "unknown"},
-    "DiagnosticReport": {"registered", "partial", "preliminary", "final", "amended", "corrected", "appended",
-                         "cancelled", "entered-in-error", "unknown"},
+    "Observation": {
+        "registered",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    },
+    "DiagnosticReport": {
+        "registered",
+        "partial",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "appended",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    },
     "ImagingStudy": {"registered", "available", "cancelled", "entered-in-error", "unknown"},
 }
 _USABLE_STATUS = {"final", "amended", "corrected", "appended", "preliminary"}
@@ -207,8 +251,9 @@ def _check_required_codes(bundle: Bundle) -> None:
         res = entry.resource
         if res is None:
             continue
+        res_any: Any = res
         allowed = _REQUIRED_STATUS.get(res.get_resource_type())
-        if allowed is not None and getattr(res, "status", None) not in allowed:
+        if allowed is not None and getattr(res_any, "status", None) not in allowed:
             raise InvalidPriorsError(
                 f"priors Bundle does not validate as FHIR R4: entry[{n}] {res.get_resource_type()}.status "
                 "is not a code of its required value set"
@@ -249,7 +294,9 @@ def _time_point(rep: Any, by_ref: dict[str, Any]) -> PriorTimePoint:
             break
     if not text and rep.conclusion:
         text = str(rep.conclusion)
-    return PriorTimePoint(_date_of(when), study_uid, tuple(findings), report_text=text, report_id=rep.id or "")
+    return PriorTimePoint(
+        _date_of(when), study_uid, tuple(findings), report_text=text, report_id=rep.id or ""
+    )
 
 
 def _code_of(concept: Any, system: str) -> str | None:
@@ -270,7 +317,9 @@ def _finding(obs: Any, by_ref: dict[str, Any]) -> PriorFinding | None:
             continue
         value = float(q.value) * {"mm": 1.0, "cm": 10.0}.get(str(q.code or q.unit or "mm"), float("nan"))
         if value != value:
-            raise InvalidPriorsError(f"TumorSize component {code} has unit {q.code or q.unit!r}; expected mm or cm")
+            raise InvalidPriorsError(
+                f"TumorSize component {code} has unit {q.code or q.unit!r}; expected mm or cm"
+            )
         if code == C.LONGEST_DIM:
             long_mm = value
         elif code == C.OTHER_DIM:
@@ -289,7 +338,9 @@ def _finding(obs: Any, by_ref: dict[str, Any]) -> PriorFinding | None:
     if not track_id:
         track_id = focus.id or str(obs.focus[0].reference)
     organ = C.SNOMED_ORGAN.get(_code_of(focus.location, C.SNOMED) or "", Organ.OTHER)
-    side = next((C.SNOMED_LATERALITY.get(_code_of(q, C.SNOMED) or "") for q in focus.locationQualifier or []), None)
+    side = next(
+        (C.SNOMED_LATERALITY.get(_code_of(q, C.SNOMED) or "") for q in focus.locationQualifier or []), None
+    )
     centroid = None
     role = None
     for ext in obs.extension or []:
@@ -300,7 +351,12 @@ def _finding(obs: Any, by_ref: dict[str, Any]) -> PriorFinding | None:
         elif ext.url == C.EXT_ROLE and ext.valueCode in C.ROLE_CODES:
             role = C.ROLE_CODES[str(ext.valueCode)]
     return PriorFinding(
-        track_id=track_id, organ=organ, long_axis_mm=long_mm,
+        track_id=track_id,
+        organ=organ,
+        long_axis_mm=long_mm,
         short_axis_mm=short_mm if short_mm is not None else 0.0,
-        centroid_lps_mm=centroid, role=role, laterality=side, label=label,
+        centroid_lps_mm=centroid,
+        role=role,
+        laterality=side,
+        label=label,
     )

@@ -26,16 +26,22 @@ def _lesion(t: TrackedLesion) -> dict[str, Any]:
         "recist_role": t.role.value if t.role else None,
         "status": t.status.value,
         "change": t.change.value,
-        "current": None if m is None or det is None else {
+        "current": None
+        if m is None or det is None
+        else {
             "long_axis_mm": _r(m.long_axis_mm),
             "short_axis_mm": _r(m.short_axis_mm),
             "volume_ml": _r(m.volume_ml, 2),
             "slice_index": m.slice_index,
-            "long_axis_endpoints_kji": [list(map(lambda v: round(v, 2), e)) for e in m.long_axis_endpoints_kji],
+            "long_axis_endpoints_kji": [
+                list(map(lambda v: round(v, 2), e)) for e in m.long_axis_endpoints_kji
+            ],
             "centroid_lps_mm": [round(c, 1) for c in det.centroid_lps_mm],
             "probability": round(det.probability, 3),
         },
-        "prior": None if t.prior is None else {
+        "prior": None
+        if t.prior is None
+        else {
             "date": t.prior_date.isoformat() if t.prior_date else None,
             "long_axis_mm": _r(t.prior.long_axis_mm),
             "short_axis_mm": _r(t.prior.short_axis_mm),
@@ -51,19 +57,33 @@ def result_to_json(result: StudyResult) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
         "study": {
-            "study_uid": a.study_uid, "series_uid": a.series_uid, "study_date": a.study_date.isoformat(),
+            "study_uid": a.study_uid,
+            "series_uid": a.series_uid,
+            "study_date": a.study_date.isoformat(),
             "accession_number": a.accession_number,
-            "manufacturer": a.manufacturer, "model_name": a.model_name, "kernel": a.kernel, "kvp": a.kvp,
-            "slice_thickness_mm": a.slice_thickness_mm, "station_name": a.station_name,
-            "shape_kji": list(result.volume_shape), "spacing_kji_mm": [round(s, 4) for s in result.spacing_kji_mm],
+            "manufacturer": a.manufacturer,
+            "model_name": a.model_name,
+            "kernel": a.kernel,
+            "kvp": a.kvp,
+            "slice_thickness_mm": a.slice_thickness_mm,
+            "station_name": a.station_name,
+            "shape_kji": list(result.volume_shape),
+            "spacing_kji_mm": [round(s, 4) for s in result.spacing_kji_mm],
         },
         "model_version": result.model_version,
         "prior_dates": [d.isoformat() for d in result.prior_dates],
-        "alignments": {uid: {"translation_lps_mm": [round(v, 1) for v in al.translation_lps_mm],
-                             "score": round(al.score, 3), "method": al.method}
-                       for uid, al in result.alignments.items()},
+        "alignments": {
+            uid: {
+                "translation_lps_mm": [round(v, 1) for v in al.translation_lps_mm],
+                "score": round(al.score, 3),
+                "method": al.method,
+            }
+            for uid, al in result.alignments.items()
+        },
         "lesions": [_lesion(t) for t in result.lesions],
-        "recist": None if r is None else {
+        "recist": None
+        if r is None
+        else {
             "category": r.category.value,
             "category_label": r.category.label,
             "target_response": r.target_response.value if r.target_response else None,
@@ -77,8 +97,12 @@ def result_to_json(result: StudyResult) -> dict[str, Any]:
             "new_lesions": list(r.new_lesions),
             "trace": list(r.trace),
         },
-        "report": {"comparison": result.report.comparison, "findings": result.report.findings,
-                   "impression": result.report.impression, "author": "deterministic"},
+        "report": {
+            "comparison": result.report.comparison,
+            "findings": result.report.findings,
+            "impression": result.report.impression,
+            "author": "deterministic",
+        },
         "warnings": list(result.warnings),
         "step_seconds": result.step_seconds,
     }
@@ -86,19 +110,33 @@ def result_to_json(result: StudyResult) -> dict[str, Any]:
 
 def result_to_markdown(result: StudyResult) -> str:
     a = result.acquisition
-    lines = [f"# CT follow-up report — study of {a.study_date.isoformat()}", "",
-             "_Preliminary: drafted by Interval, to be reviewed and signed by a radiologist._", "",
-             result.report.as_markdown()]
+    lines = [
+        f"# CT follow-up report — study of {a.study_date.isoformat()}",
+        "",
+        "_Preliminary: drafted by Interval, to be reviewed and signed by a radiologist._",
+        "",
+        result.report.as_markdown(),
+    ]
     if result.recist is not None:
         lines += ["## RECIST 1.1 reasoning", ""] + [f"- {s}" for s in result.recist.trace] + [""]
-    lines += ["## Lesions", "", "| lesion | site | role | prior | current | change |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Lesions",
+        "",
+        "| lesion | site | role | prior | current | change |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in result.lesions:
         m = t.detected.measurement if t.detected else None
         prior = f"{t.prior.long_axis_mm:.0f} x {t.prior.short_axis_mm:.0f} mm" if t.prior else "—"
         cur = f"{m.long_axis_mm:.0f} x {m.short_axis_mm:.0f} mm" if m else t.status.value
         site = t.organ.value.replace("_", " ") + (f" ({t.laterality})" if t.laterality else "")
-        lines.append(f"| {t.label} | {site} | {t.role.value if t.role else '—'} | {prior} | {cur} | {t.change.value} |")
+        lines.append(
+            f"| {t.label} | {site} | {t.role.value if t.role else '—'} | {prior} | {cur} | {t.change.value} |"
+        )
     if result.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in result.warnings]
-    lines += ["", f"Model: `{result.model_version}`. Scanner: {a.manufacturer} {a.model_name}, kernel {a.kernel}."]
+    lines += [
+        "",
+        f"Model: `{result.model_version}`. Scanner: {a.manufacturer} {a.model_name}, kernel {a.kernel}.",
+    ]
     return "\n".join(lines) + "\n"

@@ -31,7 +31,7 @@ def _hull_points(mask2d: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
         hull = ConvexHull(pts)
     except QhullError:  # collinear points: a one-pixel-wide line
         return pts
-    return pts[hull.vertices]
+    return np.asarray(pts[hull.vertices], dtype=np.float64)
 
 
 def _longest_perpendicular_chord(poly_uv: npt.NDArray[np.float64]) -> float:
@@ -69,7 +69,7 @@ def slice_diameters(
     scale = np.array([row_spacing_mm, col_spacing_mm])
     mm = pts * scale
     if len(mm) < 2:
-        return 0.0, 0.0, ((float(pts[0, 0]), float(pts[0, 1])),) * 2  # type: ignore[return-value]
+        return 0.0, 0.0, ((float(pts[0, 0]), float(pts[0, 1])),) * 2
     d = np.linalg.norm(mm[:, None, :] - mm[None, :, :], axis=-1)
     a, b = np.unravel_index(int(np.argmax(d)), d.shape)
     long_mm = float(d[a, b])
@@ -95,10 +95,10 @@ def measure_mask(mask: npt.NDArray[np.bool_], spacing_kji_mm: tuple[float, float
     voxel_ml = sz * sy * sx / 1000.0
     volume_ml = float(mask.sum()) * voxel_ml
     best = (0.0, 0.0, 0, ((0.0, 0.0), (0.0, 0.0)))
-    for k in np.flatnonzero(mask.any(axis=(1, 2))):
-        long_mm, short_mm, ends = slice_diameters(mask[k], sy, sx)
+    for kk in np.flatnonzero(mask.any(axis=(1, 2))):
+        long_mm, short_mm, ends = slice_diameters(mask[kk], sy, sx)
         if long_mm > best[0]:
-            best = (long_mm, short_mm, int(k), ends)
+            best = (long_mm, short_mm, int(kk), ends)
     long_mm, short_mm, k, ((r0, c0), (r1, c1)) = best
     return Measurement(
         long_axis_mm=long_mm,
@@ -109,9 +109,7 @@ def measure_mask(mask: npt.NDArray[np.bool_], spacing_kji_mm: tuple[float, float
     )
 
 
-def connected_lesions(
-    mask: npt.NDArray[np.bool_], min_voxels: int = 1
-) -> list[npt.NDArray[np.bool_]]:
+def connected_lesions(mask: npt.NDArray[np.bool_], min_voxels: int = 1) -> list[npt.NDArray[np.bool_]]:
     """Split a binary mask into 26-connected components of at least ``min_voxels`` voxels,
     largest first."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))

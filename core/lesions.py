@@ -38,7 +38,7 @@ def _organ(labels: np.ndarray, comp: np.ndarray) -> Organ:
 
 def laterality_of(volume: Volume, kji: tuple[float, float, float]) -> str:
     """Patient side of a point: left or right of the body's midline on its slice."""
-    k = int(round(kji[0]))
+    k = round(kji[0])
     body = volume.voxels_hu[k] > -400.0
     cols = np.flatnonzero(body.any(axis=0))
     mid_i = (cols[0] + cols[-1]) / 2.0 if cols.size else volume.shape[2] / 2.0
@@ -47,7 +47,9 @@ def laterality_of(volume: Volume, kji: tuple[float, float, float]) -> str:
     return "left" if pt[0] > mid[0] else "right"  # LPS: +x is the patient's left
 
 
-def extract_lesions(volume: Volume, seg: Segmentation, keep: LesionFilter = LesionFilter()) -> list[DetectedLesion]:
+def extract_lesions(
+    volume: Volume, seg: Segmentation, keep: LesionFilter = LesionFilter()
+) -> list[DetectedLesion]:
     """Connected lesion components that pass ``keep``, measured and placed, largest first."""
     mask = seg.labels == LabelId.LESION
     comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
@@ -75,20 +77,33 @@ def extract_lesions(volume: Volume, seg: Segmentation, keep: LesionFilter = Lesi
         centroid_kji = np.argwhere(comp).mean(axis=0) + offset
         (e0, e1) = m.long_axis_endpoints_kji
         m = type(m)(
-            long_axis_mm=m.long_axis_mm, short_axis_mm=m.short_axis_mm, volume_ml=m.volume_ml,
+            long_axis_mm=m.long_axis_mm,
+            short_axis_mm=m.short_axis_mm,
+            volume_ml=m.volume_ml,
             slice_index=m.slice_index + int(offset[0]),
-            long_axis_endpoints_kji=(tuple(np.add(e0, offset).tolist()), tuple(np.add(e1, offset).tolist())),  # type: ignore[arg-type]
+            long_axis_endpoints_kji=(tuple(np.add(e0, offset).tolist()), tuple(np.add(e1, offset).tolist())),
         )
         organ = _organ(seg.labels[pad], comp)
         c = volume.kji_to_lps(centroid_kji)
-        out.append(DetectedLesion(
-            lesion_id=0, organ=organ, centroid_lps_mm=(float(c[0]), float(c[1]), float(c[2])),
-            measurement=m, probability=prob, voxel_count=count,
-            laterality=laterality_of(volume, (float(centroid_kji[0]), float(centroid_kji[1]),
-                                              float(centroid_kji[2]))) if organ is Organ.LUNG else None,
-        ))
+        out.append(
+            DetectedLesion(
+                lesion_id=0,
+                organ=organ,
+                centroid_lps_mm=(float(c[0]), float(c[1]), float(c[2])),
+                measurement=m,
+                probability=prob,
+                voxel_count=count,
+                laterality=laterality_of(
+                    volume, (float(centroid_kji[0]), float(centroid_kji[1]), float(centroid_kji[2]))
+                )
+                if organ is Organ.LUNG
+                else None,
+            )
+        )
     out.sort(key=lambda d: -d.measurement.long_axis_mm)
     return [
-        DetectedLesion(i + 1, d.organ, d.centroid_lps_mm, d.measurement, d.probability, d.voxel_count, d.laterality)
+        DetectedLesion(
+            i + 1, d.organ, d.centroid_lps_mm, d.measurement, d.probability, d.voxel_count, d.laterality
+        )
         for i, d in enumerate(out)
     ]

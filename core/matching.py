@@ -59,7 +59,9 @@ def match_lesions(
     located = [p for p in priors_in_current_frame if p.centroid_lps_mm is not None]
     unlocated = tuple(p.track_id for p in priors_in_current_frame if p.centroid_lps_mm is None)
     if not current or not located:
-        return MatchResult((), tuple(c.lesion_id for c in current), tuple(p.track_id for p in located), unlocated)
+        return MatchResult(
+            (), tuple(c.lesion_id for c in current), tuple(p.track_id for p in located), unlocated
+        )
     cost = np.full((len(current), len(located)), _BIG)
     dist = np.zeros_like(cost)
     for i, c in enumerate(current):

@@ -27,7 +27,15 @@ from core.recist import (
 )
 from core.registration import Alignment, estimate_translation
 from core.report import Change, LesionFact, ReportFacts, ReportText, classify_change, render_report
-from core.types import AcquisitionInfo, DetectedLesion, Organ, PriorFinding, PriorTimePoint, RecistRole, Volume
+from core.types import (
+    AcquisitionInfo,
+    DetectedLesion,
+    Organ,
+    PriorFinding,
+    PriorTimePoint,
+    RecistRole,
+    Volume,
+)
 
 __all__ = ["STEPS", "AnalysisSettings", "StudyResult", "TrackedLesion", "analyze_study"]
 
@@ -133,8 +141,11 @@ def analyze_study(
         detected = extract_lesions(volume, seg, settings.lesion_filter)
         d.append(f"{len(detected)} lesion(s)")
     with steps.step("priors") as d:
-        tps = [tp for tp in priors.prior_time_points(acq.patient_id, before=acq.study_date)
-               if tp.study_uid != acq.study_uid]
+        tps = [
+            tp
+            for tp in priors.prior_time_points(acq.patient_id, before=acq.study_date)
+            if tp.study_uid != acq.study_uid
+        ]
         d.append(f"{len(tps)} prior stud{'y' if len(tps) == 1 else 'ies'}")
     with steps.step("compare") as d:
         alignments: dict[str, Alignment] = {}
@@ -156,9 +167,17 @@ def analyze_study(
         report = render_report(facts)
         d.append("deterministic wording")
     return StudyResult(
-        acquisition=acq, model_version=segmenter.model_version, lesions=tuple(lesions), recist=recist,
-        facts=facts, report=report, prior_dates=tuple(tp.study_date for tp in tps), alignments=alignments,
-        step_seconds=steps.seconds, warnings=tuple(warnings), volume_shape=volume.shape,
+        acquisition=acq,
+        model_version=segmenter.model_version,
+        lesions=tuple(lesions),
+        recist=recist,
+        facts=facts,
+        report=report,
+        prior_dates=tuple(tp.study_date for tp in tps),
+        alignments=alignments,
+        step_seconds=steps.seconds,
+        warnings=tuple(warnings),
+        volume_shape=volume.shape,
         spacing_kji_mm=volume.spacing_kji_mm,
     )
 
@@ -166,12 +185,18 @@ def analyze_study(
 def _fact(t: TrackedLesion) -> LesionFact:
     m = t.detected.measurement if t.detected else None
     return LesionFact(
-        track_id=t.track_id, label=t.label, organ=t.organ, laterality=t.laterality, role=t.role, change=t.change,
+        track_id=t.track_id,
+        label=t.label,
+        organ=t.organ,
+        laterality=t.laterality,
+        role=t.role,
+        change=t.change,
         long_axis_mm=m.long_axis_mm if m else (0.0 if t.status is CurrentStatus.ABSENT else None),
         short_axis_mm=m.short_axis_mm if m else (0.0 if t.status is CurrentStatus.ABSENT else None),
         prior_long_axis_mm=t.prior.long_axis_mm if t.prior else None,
         prior_short_axis_mm=t.prior.short_axis_mm if t.prior else None,
-        prior_date=t.prior_date, confidence=t.detected.probability if t.detected else None,
+        prior_date=t.prior_date,
+        confidence=t.detected.probability if t.detected else None,
     )
 
 
@@ -185,13 +210,25 @@ class _AsMeasured:
 
 def _baseline(study_uid: str, detected: list[DetectedLesion]) -> list[TrackedLesion]:
     ids = {d.lesion_id: new_track_id(study_uid, d.lesion_id) for d in detected}
-    roles = select_targets([
-        _AsMeasured(ids[d.lesion_id], d.organ, d.measurement.long_axis_mm, d.measurement.short_axis_mm)
-        for d in detected
-    ])
+    roles = select_targets(
+        [
+            _AsMeasured(ids[d.lesion_id], d.organ, d.measurement.long_axis_mm, d.measurement.short_axis_mm)
+            for d in detected
+        ]
+    )
     return [
-        TrackedLesion(ids[d.lesion_id], f"L{d.lesion_id}", d.organ, d.laterality, roles.get(ids[d.lesion_id]),
-                      Change.BASELINE, CurrentStatus.MEASURED, d, None, None)
+        TrackedLesion(
+            ids[d.lesion_id],
+            f"L{d.lesion_id}",
+            d.organ,
+            d.laterality,
+            roles.get(ids[d.lesion_id]),
+            Change.BASELINE,
+            CurrentStatus.MEASURED,
+            d,
+            None,
+            None,
+        )
         for d in detected
     ]
 
@@ -229,8 +266,19 @@ def _in_current_frame(
                 alignments[tp.study_uid] = estimate_translation(volume, prior_volume)
         al = alignments.get(tp.study_uid)
         centroid = al.apply(f.centroid_lps_mm) if al else None
-        moved.append(PriorFinding(f.track_id, f.organ, f.long_axis_mm, f.short_axis_mm, centroid, f.role, f.source,
-                                  f.laterality, f.label))
+        moved.append(
+            PriorFinding(
+                f.track_id,
+                f.organ,
+                f.long_axis_mm,
+                f.short_axis_mm,
+                centroid,
+                f.role,
+                f.source,
+                f.laterality,
+                f.label,
+            )
+        )
     return moved
 
 
@@ -253,8 +301,9 @@ def _compare(
     match_of = {m.track_id: m for m in result.matches}
 
     baseline = tps[0]
-    roles: dict[str, RecistRole] = {f.track_id: f.role for f in baseline.findings if f.role in (
-        RecistRole.TARGET, RecistRole.NON_TARGET)}
+    roles: dict[str, RecistRole] = {
+        f.track_id: f.role for f in baseline.findings if f.role in (RecistRole.TARGET, RecistRole.NON_TARGET)
+    }
     if not roles:
         roles = select_targets(list(baseline.findings))
     baseline_ids = {f.track_id for f in baseline.findings}
@@ -265,42 +314,81 @@ def _compare(
         m = match_of.get(track_id)
         det = by_lesion[m.lesion_id] if m else None
         if det is not None:
-            obs = TrackObservation(CurrentStatus.MEASURED, det.measurement.long_axis_mm, det.measurement.short_axis_mm)
+            obs = TrackObservation(
+                CurrentStatus.MEASURED, det.measurement.long_axis_mm, det.measurement.short_axis_mm
+            )
         else:
             pos = by_track_moved[track_id].centroid_lps_mm
-            status = (CurrentStatus.ABSENT if pos is not None and volume.contains_lps(pos)
-                      else CurrentStatus.NOT_EVALUABLE)
+            status = (
+                CurrentStatus.ABSENT
+                if pos is not None and volume.contains_lps(pos)
+                else CurrentStatus.NOT_EVALUABLE
+            )
             obs = TrackObservation(status)
         current[track_id] = obs
         cur_d = obs.diameter_mm(f.organ)
         role = roles.get(track_id) or (RecistRole.NEW if track_id not in baseline_ids else None)
-        tracked.append(TrackedLesion(
-            track_id=track_id, label=f.label or track_id[-6:], organ=f.organ,
-            laterality=f.laterality or (det.laterality if det else None), role=role,
-            change=classify_change(f.recist_diameter_mm(), cur_d, f.organ), status=obs.status,
-            detected=det, prior=f, prior_date=tp.study_date, match_distance_mm=m.distance_mm if m else None,
-        ))
-    next_label = 1 + max((int(f.label[1:]) for f, _ in latest.values()
-                          if f.label.startswith("L") and f.label[1:].isdigit()), default=0)
+        tracked.append(
+            TrackedLesion(
+                track_id=track_id,
+                label=f.label or track_id[-6:],
+                organ=f.organ,
+                laterality=f.laterality or (det.laterality if det else None),
+                role=role,
+                change=classify_change(f.recist_diameter_mm(), cur_d, f.organ),
+                status=obs.status,
+                detected=det,
+                prior=f,
+                prior_date=tp.study_date,
+                match_distance_mm=m.distance_mm if m else None,
+            )
+        )
+    next_label = 1 + max(
+        (int(f.label[1:]) for f, _ in latest.values() if f.label.startswith("L") and f.label[1:].isdigit()),
+        default=0,
+    )
     new_ids: list[str] = []
     for n, lesion_id in enumerate(result.new_lesion_ids):
         det = by_lesion[lesion_id]
         tid = new_track_id(acq.study_uid, lesion_id)
         new_ids.append(tid)
-        tracked.append(TrackedLesion(tid, f"L{next_label + n}", det.organ, det.laterality, RecistRole.NEW,
-                                     Change.NEW, CurrentStatus.MEASURED, det, None, None))
+        tracked.append(
+            TrackedLesion(
+                tid,
+                f"L{next_label + n}",
+                det.organ,
+                det.laterality,
+                RecistRole.NEW,
+                Change.NEW,
+                CurrentStatus.MEASURED,
+                det,
+                None,
+                None,
+            )
+        )
     # A lesion absent at baseline that is present now keeps the assessment PD (RECIST 1.1
     # progression is not undone at later time points).
-    earlier_new = [tid for tid in latest if tid not in baseline_ids and current[tid].status is CurrentStatus.MEASURED]
+    earlier_new = [
+        tid for tid in latest if tid not in baseline_ids and current[tid].status is CurrentStatus.MEASURED
+    ]
     previous_sums: list[float | None] = []
     for tp in tps[1:]:
         seen = {f.track_id: f for f in tp.findings}
-        previous_sums.append(float(sum(
-            seen[t].recist_diameter_mm() if t in seen else 0.0
-            for t, r in roles.items() if r is RecistRole.TARGET
-        )))
+        previous_sums.append(
+            float(
+                sum(
+                    seen[t].recist_diameter_mm() if t in seen else 0.0
+                    for t, r in roles.items()
+                    if r is RecistRole.TARGET
+                )
+            )
+        )
     recist = assess_response(
-        list(baseline.findings), roles, current, previous_sums, [*earlier_new, *new_ids],
+        list(baseline.findings),
+        roles,
+        current,
+        previous_sums,
+        [*earlier_new, *new_ids],
     )
     tracked.sort(key=lambda t: (t.label[:1], int(t.label[1:]) if t.label[1:].isdigit() else 0))
     return tracked, recist

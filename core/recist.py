@@ -152,11 +152,7 @@ def select_targets(
         if les.organ.is_nodal and les.short_axis_mm < PATHOLOGICAL_NODE_SHORT_AXIS_MM:
             continue
         n_targets = sum(1 for r in roles.values() if r is RecistRole.TARGET)
-        if (
-            is_measurable(les)
-            and n_targets < max_targets
-            and per_organ.get(les.organ, 0) < max_per_organ
-        ):
+        if is_measurable(les) and n_targets < max_targets and per_organ.get(les.organ, 0) < max_per_organ:
             roles[les.track_id] = RecistRole.TARGET
             per_organ[les.organ] = per_organ.get(les.organ, 0) + 1
         else:
@@ -225,9 +221,7 @@ def _target_response(
         trace.append(
             f"The sum rose {_fmt_pct(nadir_pct)} over the nadir but only {delta:+.1f} mm (< 5 mm): not PD."
         )
-    non_nodal_gone = all(
-        values[t.track_id] == 0.0 for t in targets if not t.organ.is_nodal
-    )
+    non_nodal_gone = all(values[t.track_id] == 0.0 for t in targets if not t.organ.is_nodal)
     nodes_normal = all(
         (values[t.track_id] or 0.0) < PATHOLOGICAL_NODE_SHORT_AXIS_MM for t in targets if t.organ.is_nodal
     )

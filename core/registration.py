@@ -51,13 +51,16 @@ def _to_grid(vol: Volume, step_mm: float) -> tuple[npt.NDArray[np.float64], npt.
     return small, origin
 
 
-def _xcorr(fa: npt.NDArray[np.complex128], fb: npt.NDArray[np.complex128], shape: list[int]) -> npt.NDArray[np.float64]:
+def _xcorr(
+    fa: npt.NDArray[np.complex128], fb: npt.NDArray[np.complex128], shape: list[int]
+) -> npt.NDArray[np.float64]:
     out: npt.NDArray[np.float64] = np.fft.irfftn(fa * np.conj(fb), shape, axes=(0, 1, 2))
     return out
 
 
-def estimate_translation(current: Volume, prior: Volume, step_mm: float = 4.0,
-                         min_overlap: float = 0.3) -> Alignment:
+def estimate_translation(
+    current: Volume, prior: Volume, step_mm: float = 4.0, min_overlap: float = 0.3
+) -> Alignment:
     """Translation mapping prior LPS to current LPS by masked normalized cross-correlation
     (Padfield 2012): the correlation at each shift uses only the voxels where both volumes
     overlap, so that partial scan ranges do not bias the peak."""

@@ -131,7 +131,11 @@ def _finding_sentence(f: LesionFact) -> str:
     site = lesion_site(f.organ, f.laterality)
     kind = "node" if f.organ.is_nodal else "lesion"
     name = f"{site.capitalize()} {kind} {f.label}".strip()
-    role = {RecistRole.TARGET: " (target)", RecistRole.NON_TARGET: " (non-target)"}.get(f.role, "") if f.role else ""
+    role = (
+        {RecistRole.TARGET: " (target)", RecistRole.NON_TARGET: " (non-target)"}.get(f.role, "")
+        if f.role
+        else ""
+    )
     cur = (
         _dims(f.long_axis_mm, f.short_axis_mm)
         if f.long_axis_mm is not None and f.short_axis_mm is not None
@@ -153,7 +157,9 @@ def _finding_sentence(f: LesionFact) -> str:
         return f"{name}{role} could not be assessed on this study (previously {prior}{when})."
     if f.change is Change.BASELINE:
         return f"{name}{role} measures {cur}."
-    verb = {Change.INCREASED: "has increased", Change.DECREASED: "has decreased", Change.STABLE: "is stable"}[f.change]
+    verb = {Change.INCREASED: "has increased", Change.DECREASED: "has decreased", Change.STABLE: "is stable"}[
+        f.change
+    ]
     return f"{name}{role} {verb}, now {cur} (previously {prior}{when})."
 
 
@@ -177,7 +183,9 @@ def render_report(facts: ReportFacts) -> ReportText:
         new = [f for f in facts.lesions if f.change is Change.NEW]
         if new:
             impression_parts.append(
-                "New " + ", ".join(f"{lesion_site(f.organ, f.laterality)} lesion {f.label}" for f in new) + "."
+                "New "
+                + ", ".join(f"{lesion_site(f.organ, f.laterality)} lesion {f.label}" for f in new)
+                + "."
             )
         if r.current_sum_mm is not None and r.change_from_baseline_pct is not None:
             impression_parts.append(
@@ -196,14 +204,24 @@ def prior_report_text(tp: PriorTimePoint, previous: PriorTimePoint | None) -> st
         p = prev.get(f.track_id)
         facts.append(
             LesionFact(
-                track_id=f.track_id, label=f.label, organ=f.organ, laterality=f.laterality, role=f.role,
+                track_id=f.track_id,
+                label=f.label,
+                organ=f.organ,
+                laterality=f.laterality,
+                role=f.role,
                 change=classify_change(p.recist_diameter_mm() if p else None, f.recist_diameter_mm(), f.organ)
-                if previous else Change.BASELINE,
-                long_axis_mm=f.long_axis_mm, short_axis_mm=f.short_axis_mm,
-                prior_long_axis_mm=p.long_axis_mm if p else None, prior_short_axis_mm=p.short_axis_mm if p else None,
+                if previous
+                else Change.BASELINE,
+                long_axis_mm=f.long_axis_mm,
+                short_axis_mm=f.short_axis_mm,
+                prior_long_axis_mm=p.long_axis_mm if p else None,
+                prior_short_axis_mm=p.short_axis_mm if p else None,
                 prior_date=previous.study_date if previous else None,
             )
         )
-    text = render_report(ReportFacts(tp.study_date, tp.study_uid,
-                                     (previous.study_date,) if previous else (), tuple(facts), None))
+    text = render_report(
+        ReportFacts(
+            tp.study_date, tp.study_uid, (previous.study_date,) if previous else (), tuple(facts), None
+        )
+    )
     return f"COMPARISON: {text.comparison}\nFINDINGS: {text.findings}"

@@ -96,7 +96,11 @@ class Volume:
     voxels_hu: FloatArray
     spacing_kji_mm: tuple[float, float, float]
     origin_lps_mm: tuple[float, float, float]
-    direction_lps: tuple[tuple[float, float, float], ...] = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+    direction_lps: tuple[tuple[float, float, float], ...] = (
+        (1.0, 0.0, 0.0),
+        (0.0, 1.0, 0.0),
+        (0.0, 0.0, 1.0),
+    )
     acquisition: AcquisitionInfo | None = None
 
     def __post_init__(self) -> None:
@@ -114,15 +118,18 @@ class Volume:
 
     def kji_to_lps(self, kji: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Map voxel indices ``[..., (k, j, i)]`` (fractional allowed) to LPS mm."""
-        return kji_to_lps(np.asarray(kji, dtype=float), self.spacing_kji_mm, self.origin_lps_mm,
-                          self.direction_lps)
+        return kji_to_lps(
+            np.asarray(kji, dtype=float), self.spacing_kji_mm, self.origin_lps_mm, self.direction_lps
+        )
 
     def lps_to_kji(self, lps: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Inverse of ``kji_to_lps``: fractional voxel indices ``[..., (k, j, i)]``."""
         d = np.asarray(self.direction_lps, dtype=float)
         rel = np.asarray(lps, dtype=float) - np.asarray(self.origin_lps_mm, dtype=float)
         ijk_mm = rel @ d
-        out: npt.NDArray[np.float64] = (ijk_mm / np.asarray(self.spacing_kji_mm[::-1], dtype=float))[..., ::-1]
+        out: npt.NDArray[np.float64] = (ijk_mm / np.asarray(self.spacing_kji_mm[::-1], dtype=float))[
+            ..., ::-1
+        ]
         return out
 
     def contains_lps(self, lps: tuple[float, float, float], margin_voxels: float = 0.5) -> bool:

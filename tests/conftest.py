@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from fixtures.synth.cohort import CohortOptions, PatientTruth, make_patient  # noqa: E402
-from fixtures.synth.demo import DEMO_OPTIONS, DEMO_PATIENT_INDEX  # noqa: E402
+from fixtures.synth.cohort import CohortOptions, PatientTruth, make_patient
+from fixtures.synth.demo import DEMO_OPTIONS, DEMO_PATIENT_INDEX
 
 SMALL = CohortOptions(seed=31, matrix=64, min_time_points=2, max_time_points=2, vendors=("ge", "philips"))
 

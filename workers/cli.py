@@ -22,19 +22,27 @@ from typing import Annotated, Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from core.errors import ExternalServiceError, InputError, IntervalError, ModelError  # noqa: E402
+from core.errors import ExternalServiceError, InputError, IntervalError, ModelError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Interval: follow-up CT analysis with RECIST 1.1 and a grounded report.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Interval: follow-up CT analysis with RECIST 1.1 and a grounded report.",
+)
 out_console = Console()
 err_console = Console(stderr=True)
 
-EXIT_CODES: list[tuple[type[IntervalError], int]] = [(InputError, 2), (ModelError, 3), (ExternalServiceError, 4)]
+EXIT_CODES: list[tuple[type[IntervalError], int]] = [
+    (InputError, 2),
+    (ModelError, 3),
+    (ExternalServiceError, 4),
+]
 
 
 @contextmanager
@@ -73,7 +81,9 @@ def _progress_callback(progress: Progress) -> Callable[[str, str, str], None]:
     return on
 
 
-def run_analysis(study_dir: Path, priors: Path | None, prior_images: list[Path], out: Path, quiet: bool = False) -> Any:
+def run_analysis(
+    study_dir: Path, priors: Path | None, prior_images: list[Path], out: Path, quiet: bool = False
+) -> Any:
     """Analyze one study in-process and write report.json + report.md; returns the result."""
     from adapters.image_folder import FolderImageSource
     from adapters.prior_bundle import BundlePriorStore, NoPriors
@@ -90,14 +100,26 @@ def run_analysis(study_dir: Path, priors: Path | None, prior_images: list[Path],
         from adapters.fhir_priors import load_priors
 
         load_priors(priors)  # validate up front: a bad priors file fails before minutes of inference
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err_console, disable=quiet, transient=False) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=False,
+    ) as progress:
         on = _progress_callback(progress)
         on("load model", "start", "")
         segmenter = MonaiSegmenter(settings.segmenter_weights)
         on("load model", "done", segmenter.model_version)
-        result = analyze_study(str(study_dir), images=images, priors=store, segmenter=segmenter,
-                               settings=settings.analysis(), progress=on)
+        result = analyze_study(
+            str(study_dir),
+            images=images,
+            priors=store,
+            segmenter=segmenter,
+            settings=settings.analysis(),
+            progress=on,
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result_to_json(result), indent=1))
     (out / "report.md").write_text(result_to_markdown(result))
@@ -114,9 +136,15 @@ def _print_report(result: Any, out: Path) -> None:
 @app.command()
 def analyze(
     study_dir: Annotated[Path, typer.Argument(help="Folder with the current CT study (DICOM files).")],
-    priors: Annotated[Path | None, typer.Option(help="FHIR R4 Bundle of the patient's prior findings.")] = None,
-    prior_images: Annotated[list[Path] | None, typer.Option(
-        help="Folder(s) searched for prior studies by StudyInstanceUID (default: the priors file's folder).")] = None,
+    priors: Annotated[
+        Path | None, typer.Option(help="FHIR R4 Bundle of the patient's prior findings.")
+    ] = None,
+    prior_images: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Folder(s) searched for prior studies by StudyInstanceUID (default: the priors file's folder)."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Output folder for report.json and report.md.")] = Path("out"),
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
 ) -> None:
@@ -131,7 +159,9 @@ def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the cohort into.")],
     patients: Annotated[int, typer.Option(min=1, help="Number of patients.")] = 4,
     seed: Annotated[int, typer.Option(help="Cohort seed (same seed, same cohort).")] = 7,
-    vendors: Annotated[str, typer.Option(help="Comma-separated vendor profiles.")] = "ge,siemens,philips,canon",
+    vendors: Annotated[
+        str, typer.Option(help="Comma-separated vendor profiles.")
+    ] = "ge,siemens,philips,canon",
     start: Annotated[int, typer.Option(help="Index of the first patient.")] = 0,
 ) -> None:
     """Generate a synthetic longitudinal CT cohort with ground truth and FHIR priors."""
@@ -150,18 +180,23 @@ def synth(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Working folder for the demo patient and report.")] = Path("out/demo"),
-    check: Annotated[bool, typer.Option(help="Exit 3 when the report disagrees with the ground truth.")] = True,
+    out: Annotated[Path, typer.Option(help="Working folder for the demo patient and report.")] = Path(
+        "out/demo"
+    ),
+    check: Annotated[
+        bool, typer.Option(help="Exit 3 when the report disagrees with the ground truth.")
+    ] = True,
 ) -> None:
     """Generate the demo patient (two time points), analyze the follow-up, compare with the truth."""
-    from fixtures.synth.demo import DEMO_OPTIONS, DEMO_PATIENT_INDEX, compare_with_truth
     from fixtures.synth.cohort import make_patient
+    from fixtures.synth.demo import DEMO_OPTIONS, DEMO_PATIENT_INDEX, compare_with_truth
 
     with _user_errors(out):
         patient = make_patient(out / "cohort", DEMO_PATIENT_INDEX, DEMO_OPTIONS)
         follow_up = patient.folder / patient.time_points[-1]
-        result = run_analysis(follow_up / "dicom", patient.folder / "priors.json", [patient.folder],
-                              out / "report")
+        result = run_analysis(
+            follow_up / "dicom", patient.folder / "priors.json", [patient.folder], out / "report"
+        )
         _print_report(result, out / "report")
         agreement = compare_with_truth(result, follow_up / "truth.json")
         table = Table(title="Demo: report vs generated ground truth")

@@ -111,46 +111,103 @@ def main() -> None:
                 if hit:
                     overl = comps[(inst == row["instance"]) & kept_mask]
                     cid = int(np.bincount(overl).argmax())
-                    match = next((les for les in lesions
-                                  if comps[tuple(np.clip(np.rint(vol.lps_to_kji(les.centroid_lps_mm)).astype(int), 0,
-                                                         np.array(vol.shape) - 1))] == cid), None)
+                    match = next(
+                        (
+                            les
+                            for les in lesions
+                            if comps[
+                                tuple(
+                                    np.clip(
+                                        np.rint(vol.lps_to_kji(les.centroid_lps_mm)).astype(int),
+                                        0,
+                                        np.array(vol.shape) - 1,
+                                    )
+                                )
+                            ]
+                            == cid
+                        ),
+                        None,
+                    )
                     if match is not None:
-                        got = (match.measurement.short_axis_mm if row["organ"] == "lymph_node"
-                               else match.measurement.long_axis_mm)
+                        got = (
+                            match.measurement.short_axis_mm
+                            if row["organ"] == "lymph_node"
+                            else match.measurement.long_axis_mm
+                        )
                         diam_err["all"].append((d, got))
                         diam_err[f"organ:{row['organ']}"].append((d, got))
             if tp["time_point"] > 0:
-                result = analyze_study(str(tp_dir / "dicom"), images=FolderImageSource([patient]),
-                                       priors=BundlePriorStore(patient / "priors.json"), segmenter=seg)
+                result = analyze_study(
+                    str(tp_dir / "dicom"),
+                    images=FolderImageSource([patient]),
+                    priors=BundlePriorStore(patient / "priors.json"),
+                    segmenter=seg,
+                )
                 agreement = compare_with_truth(result, tp_dir / "truth.json")
-                recist_rows.append({"patient": meta["patient_id"], "time_point": tp["time_point"], "vendor": vendor,
-                                    "truth": agreement.truth_category, "predicted": agreement.category,
-                                    "all_lesions_within_tolerance": agreement.ok, "problems": agreement.reason})
-            print(f"{meta['patient_id']} {tp['folder']} {vendor}: fp={n_fp} "
-                  f"found={found['all'][0]}/{found['all'][1]} ({time.time() - t0:.0f} s)", flush=True)
+                recist_rows.append(
+                    {
+                        "patient": meta["patient_id"],
+                        "time_point": tp["time_point"],
+                        "vendor": vendor,
+                        "truth": agreement.truth_category,
+                        "predicted": agreement.category,
+                        "all_lesions_within_tolerance": agreement.ok,
+                        "problems": agreement.reason,
+                    }
+                )
+            print(
+                f"{meta['patient_id']} {tp['folder']} {vendor}: fp={n_fp} "
+                f"found={found['all'][0]}/{found['all'][1]} ({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     n_rec = len(recist_rows)
     agree = sum(r["truth"] == r["predicted"] for r in recist_rows)
     metrics = {
         "cohort": str(args.cohort),
         "cohort_meta": json.loads((args.cohort / "cohort.json").read_text()),
         "model_version": seg.model_version,
-        "lesion_filter": {"min_long_axis_mm": keep.min_long_axis_mm, "min_volume_ml": keep.min_volume_ml,
-                          "min_probability": keep.min_probability},
-        "detection_sensitivity": {k: {"found": v[0], "total": v[1], "rate": _rate(v[0], v[1])}
-                                  for k, v in sorted(found.items())},
+        "lesion_filter": {
+            "min_long_axis_mm": keep.min_long_axis_mm,
+            "min_volume_ml": keep.min_volume_ml,
+            "min_probability": keep.min_probability,
+        },
+        "detection_sensitivity": {
+            k: {"found": v[0], "total": v[1], "rate": _rate(v[0], v[1])} for k, v in sorted(found.items())
+        },
         "false_positives_per_study": {k: round(float(np.mean(v)), 3) for k, v in sorted(fp.items())},
         "lesion_dice": round(dice_num / dice_den, 4) if dice_den else None,
         "recist_diameter_error_mm": {
-            k: {"mean": round(float(np.mean([g - t for t, g in v])), 2),
+            k: {
+                "mean": round(float(np.mean([g - t for t, g in v])), 2),
                 "mean_abs": round(float(np.mean([abs(g - t) for t, g in v])), 2),
-                "within_tolerance": _rate(sum(measurement_ok(g, t) for t, g in v), len(v)), "n": len(v)}
-            for k, v in sorted(diam_err.items())},
-        "recist_agreement": {"agree": agree, "total": n_rec, "rate": _rate(agree, n_rec), "rows": recist_rows},
+                "within_tolerance": _rate(sum(measurement_ok(g, t) for t, g in v), len(v)),
+                "n": len(v),
+            }
+            for k, v in sorted(diam_err.items())
+        },
+        "recist_agreement": {
+            "agree": agree,
+            "total": n_rec,
+            "rate": _rate(agree, n_rec),
+            "rows": recist_rows,
+        },
         "seconds": round(time.time() - t0, 1),
     }
     args.out.write_text(json.dumps(metrics, indent=1))
-    print(json.dumps({k: metrics[k] for k in ("detection_sensitivity", "false_positives_per_study", "lesion_dice",
-                                              "recist_agreement")}, indent=1)[:4000])
+    print(
+        json.dumps(
+            {
+                k: metrics[k]
+                for k in (
+                    "detection_sensitivity",
+                    "false_positives_per_study",
+                    "lesion_dice",
+                    "recist_agreement",
+                )
+            },
+            indent=1,
+        )[:4000]
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+from monai.inferers.utils import sliding_window_inference
 
 from core.errors import ModelError
 from core.types import Segmentation, Volume
@@ -28,7 +28,9 @@ ROI_KJI = (48, 96, 96)
 class MonaiSegmenter:
     """UNet organ + lesion segmenter from a weights file written by ``models.segmentation.train``."""
 
-    def __init__(self, weights: Path = DEFAULT_WEIGHTS, device: str | None = None, overlap: float = 0.25) -> None:
+    def __init__(
+        self, weights: Path = DEFAULT_WEIGHTS, device: str | None = None, overlap: float = 0.25
+    ) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
         if not weights.is_file():
@@ -43,7 +45,9 @@ class MonaiSegmenter:
             net = build_network(cfg)
             net.load_state_dict({k: v.float() for k, v in state["model"].items()})
         except (RuntimeError, KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"weights {weights.name!r} do not fit the segmentation network: {type(e).__name__}") from None
+            raise ModelError(
+                f"weights {weights.name!r} do not fit the segmentation network: {type(e).__name__}"
+            ) from None
         if state.get("encoding") != "encode_hu/v1":
             raise ModelError(f"weights {weights.name!r} expect input encoding {state.get('encoding')!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

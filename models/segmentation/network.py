@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from monai.networks.nets import UNet
+from monai.networks.nets.unet import UNet
 
 __all__ = ["NetConfig", "build_network", "encode_hu"]
 
@@ -24,13 +25,13 @@ class NetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, object]) -> NetConfig:
+    def from_dict(cls, d: dict[str, Any]) -> NetConfig:
         return cls(
-            channels=tuple(d["channels"]),  # type: ignore[arg-type]
-            strides=tuple(d["strides"]),  # type: ignore[arg-type]
-            num_res_units=int(d["num_res_units"]),  # type: ignore[arg-type]
-            in_channels=int(d["in_channels"]),  # type: ignore[arg-type]
-            out_channels=int(d["out_channels"]),  # type: ignore[arg-type]
+            channels=tuple(d["channels"]),
+            strides=tuple(d["strides"]),
+            num_res_units=int(d["num_res_units"]),
+            in_channels=int(d["in_channels"]),
+            out_channels=int(d["out_channels"]),
         )
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
+from monai.losses.dice import DiceCELoss
 
 from adapters.dicom_series import load_study
 from core.types import LabelId
@@ -51,8 +51,10 @@ def _sample(rng: np.random.Generator, img: np.ndarray, lab: np.ndarray) -> tuple
             center = np.unravel_index(int(idx[rng.integers(0, idx.size)]), lab.shape)
     if center is None:
         center = (rng.integers(0, nz), rng.integers(0, ny), rng.integers(0, nx))
-    starts = [int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
-              for c, p, s in zip(center, (pz, py, px), (nz, ny, nx), strict=True)]
+    starts = [
+        int(np.clip(c - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, s - p))
+        for c, p, s in zip(center, (pz, py, px), (nz, ny, nx), strict=True)
+    ]
     sl = tuple(slice(s, s + p) for s, p in zip(starts, (pz, py, px), strict=True))
     x = img[(slice(None), *sl)].astype(np.float32)
     y = lab[sl]
@@ -82,10 +84,19 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = NetConfig()
-    config = {"net": cfg.to_dict(), "patch": PATCH, "batch": args.batch, "lr": args.lr, "seed": args.seed,
-              "cohort": str(args.cohort), "cohort_meta": json.loads((args.cohort / "cohort.json").read_text()),
-              "loss": "DiceCE(softmax, include_background=False)", "optimizer": "AdamW(wd=1e-4), cosine",
-              "sampling": "60% lesion-centred, 15% liver-centred, 25% uniform", "encoding": "encode_hu/v1"}
+    config = {
+        "net": cfg.to_dict(),
+        "patch": PATCH,
+        "batch": args.batch,
+        "lr": args.lr,
+        "seed": args.seed,
+        "cohort": str(args.cohort),
+        "cohort_meta": json.loads((args.cohort / "cohort.json").read_text()),
+        "loss": "DiceCE(softmax, include_background=False)",
+        "optimizer": "AdamW(wd=1e-4), cosine",
+        "sampling": "60% lesion-centred, 15% liver-centred, 25% uniform",
+        "encoding": "encode_hu/v1",
+    }
     (args.out / "train_config.json").write_text(json.dumps(config, indent=1))
 
     random.seed(args.seed)
@@ -114,10 +125,26 @@ def main() -> None:
     log = (args.out / "train_log.jsonl").open("a")
 
     def save() -> None:
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "step": step, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, ckpt)
-        torch.save({"model": {k: v.half() for k, v in net.state_dict().items()}, "net": cfg.to_dict(),
-                    "encoding": "encode_hu/v1", "step": step}, args.out / "segmenter.pt")
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "step": step,
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+            },
+            ckpt,
+        )
+        torch.save(
+            {
+                "model": {k: v.half() for k, v in net.state_dict().items()},
+                "net": cfg.to_dict(),
+                "encoding": "encode_hu/v1",
+                "step": step,
+            },
+            args.out / "segmenter.pt",
+        )
 
     net.train()
     running = 0.0
@@ -139,8 +166,12 @@ def main() -> None:
         value = float(loss.detach())
         running = 0.9 * running + 0.1 * value if step > 1 else value
         if step % 10 == 0:
-            rec = {"step": step, "loss": round(running, 4), "lr": sched.get_last_lr()[0],
-                   "elapsed_s": round(time.time() - t0, 1)}
+            rec = {
+                "step": step,
+                "loss": round(running, 4),
+                "lr": sched.get_last_lr()[0],
+                "elapsed_s": round(time.time() - t0, 1),
+            }
             log.write(json.dumps(rec) + "\n")
             log.flush()
             print(rec, flush=True)

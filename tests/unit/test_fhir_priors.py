@@ -89,8 +89,12 @@ def test_tumor_size_in_cm_is_converted(small_patient):
         r = e["resource"]
         if r["resourceType"] == "Observation":
             for c in r["component"]:
-                c["valueQuantity"] = {**c["valueQuantity"], "value": c["valueQuantity"]["value"] / 10,
-                                      "unit": "cm", "code": "cm"}
+                c["valueQuantity"] = {
+                    **c["valueQuantity"],
+                    "value": c["valueQuantity"]["value"] / 10,
+                    "unit": "cm",
+                    "code": "cm",
+                }
     _, tps_cm = parse_priors_bundle(raw)
     _, tps_mm = parse_priors_bundle(json.loads((small_patient.folder / "priors.json").read_text()))
     for a, b in zip(tps_cm[0].findings, tps_mm[0].findings, strict=True):

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from adapters.image_folder import FolderImageSource
 from adapters.prior_bundle import BundlePriorStore, NoPriors
@@ -44,8 +43,11 @@ def test_follow_up_with_perfect_segmentation_matches_truth(demo_patient):
     follow = folder / demo_patient.time_points[-1]
     steps: list[tuple[str, str]] = []
     result = analyze_study(
-        str(follow / "dicom"), images=FolderImageSource([folder]), priors=BundlePriorStore(folder / "priors.json"),
-        segmenter=TruthSegmenter(folder), progress=lambda s, state, d: steps.append((s, state)),
+        str(follow / "dicom"),
+        images=FolderImageSource([folder]),
+        priors=BundlePriorStore(folder / "priors.json"),
+        segmenter=TruthSegmenter(folder),
+        progress=lambda s, state, d: steps.append((s, state)),
     )
     agreement = compare_with_truth(result, follow / "truth.json")
     assert agreement.ok, agreement.reason
@@ -59,8 +61,12 @@ def test_follow_up_with_perfect_segmentation_matches_truth(demo_patient):
 
 def test_baseline_study_selects_targets(demo_patient):
     folder = demo_patient.folder
-    result = analyze_study(str(folder / "t0" / "dicom"), images=FolderImageSource(), priors=NoPriors(),
-                           segmenter=TruthSegmenter(folder))
+    result = analyze_study(
+        str(folder / "t0" / "dicom"),
+        images=FolderImageSource(),
+        priors=NoPriors(),
+        segmenter=TruthSegmenter(folder),
+    )
     assert result.recist is None
     truth = json.loads((folder / "t0" / "truth.json").read_text())
     assert len(result.lesions) == sum(1 for les in truth["lesions"] if les["present"])
@@ -70,8 +76,12 @@ def test_baseline_study_selects_targets(demo_patient):
 def test_prior_without_images_is_not_evaluable_and_says_why(demo_patient):
     folder = demo_patient.folder
     follow = folder / demo_patient.time_points[-1]
-    result = analyze_study(str(follow / "dicom"), images=FolderImageSource([]),
-                           priors=BundlePriorStore(folder / "priors.json"), segmenter=TruthSegmenter(folder))
+    result = analyze_study(
+        str(follow / "dicom"),
+        images=FolderImageSource([]),
+        priors=BundlePriorStore(folder / "priors.json"),
+        segmenter=TruthSegmenter(folder),
+    )
     assert any("not available" in w for w in result.warnings)
     assert all(t.status is not CurrentStatus.ABSENT for t in result.lesions)
 

@@ -26,7 +26,9 @@ class L:
 
 
 def seen(long_mm: float, short_mm: float | None = None) -> TrackObservation:
-    return TrackObservation(CurrentStatus.MEASURED, long_mm, short_mm if short_mm is not None else long_mm * 0.7)
+    return TrackObservation(
+        CurrentStatus.MEASURED, long_mm, short_mm if short_mm is not None else long_mm * 0.7
+    )
 
 
 GONE = TrackObservation(CurrentStatus.ABSENT)
@@ -38,9 +40,15 @@ ROLES = {"a": RecistRole.TARGET, "b": RecistRole.TARGET}
 
 def test_target_selection_caps_and_node_thresholds():
     lesions = [
-        L("l1", Organ.LIVER, 40, 30), L("l2", Organ.LIVER, 35, 30), L("l3", Organ.LIVER, 30, 20),
-        L("n1", Organ.LYMPH_NODE, 30, 16), L("n2", Organ.LYMPH_NODE, 25, 12), L("n3", Organ.LYMPH_NODE, 14, 8),
-        L("p1", Organ.LUNG, 9, 8), L("p2", Organ.LUNG, 12, 10), L("p3", Organ.LUNG, 11, 10),
+        L("l1", Organ.LIVER, 40, 30),
+        L("l2", Organ.LIVER, 35, 30),
+        L("l3", Organ.LIVER, 30, 20),
+        L("n1", Organ.LYMPH_NODE, 30, 16),
+        L("n2", Organ.LYMPH_NODE, 25, 12),
+        L("n3", Organ.LYMPH_NODE, 14, 8),
+        L("p1", Organ.LUNG, 9, 8),
+        L("p2", Organ.LUNG, 12, 10),
+        L("p3", Organ.LUNG, 11, 10),
         L("a1", Organ.ADRENAL, 15, 12),
     ]
     roles = select_targets(lesions)
@@ -124,5 +132,7 @@ def test_non_target_only_disease_uses_table_2():
     roles = {"c": RecistRole.NON_TARGET}
     assert assess_response(base, roles, {"c": seen(8.0)}).category is Response.NON_CR_NON_PD
     assert assess_response(base, roles, {"c": GONE}).category is Response.CR
-    assert assess_response(base, roles, {"c": seen(8.0)}, non_target_unequivocal_progression=True).category \
+    assert (
+        assess_response(base, roles, {"c": seen(8.0)}, non_target_unequivocal_progression=True).category
         is Response.PD
+    )

@@ -1,0 +1,50 @@
+# Interval: two commands on a fresh machine.
+#   make demo   set up, generate the demo patient, analyze its follow-up CT, print the report
+#   make test   set up, then lint, type-check and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test check lint types pytest unit weights eval clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	OMP_NUM_THREADS=1 $(VENV)/bin/interval demo --out out/demo
+
+test: setup
+	bash scripts/check
+
+check: test
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+types: setup
+	$(VENV)/bin/mypy core adapters models workers fixtures service
+
+pytest: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+unit: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/unit -m "not slow"
+
+# Reproduce the committed segmentation weights and their metrics (about 30 min + 10 min on 2 CPU cores).
+weights: setup
+	$(PY) -m fixtures.synth data/train 28 --seed 101
+	$(PY) -m models.segmentation.train --cohort data/train --out models/weights --minutes 28 --steps 3000
+
+eval: setup
+	$(PY) -m fixtures.synth data/test 10 --seed 909 --vendors ge,siemens,philips,canon,uih
+	OMP_NUM_THREADS=1 $(PY) -m models.segmentation.evaluate --cohort data/test --out models/weights/metrics.json
+
+clean:
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache

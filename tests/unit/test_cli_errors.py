@@ -1,0 +1,87 @@
+"""Bad input on the command line: exit code != 0, one readable line, no traceback, no PHI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from workers.cli import app
+
+runner = CliRunner()
+
+
+def _run(args):
+    result = runner.invoke(app, args, catch_exceptions=False)
+    err = result.stderr
+    assert "Traceback" not in err and "Traceback" not in result.stdout
+    return result.exit_code, err
+
+
+def test_folder_with_no_ct_series(tmp_path):
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "readme.txt").write_text("hello")
+    code, err = _run(["analyze", str(tmp_path / "study"), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "error: no CT series" in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def test_unreadable_files(small_patient, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(small_patient.folder / "t1" / "dicom", study)
+    for f in sorted(study.iterdir())[:5]:
+        f.write_bytes(f.read_bytes()[:2000])  # truncated in the pixel data
+    code, err = _run(["analyze", str(study), "--out", str(tmp_path / "out"), "--quiet"])
+    assert code == 2
+    assert "unreadable pixel data" in err
+    assert "SYNTHETIC" not in err
+
+
+def test_priors_that_do_not_validate(small_patient, tmp_path):
+    bad = json.loads((small_patient.folder / "priors.json").read_text())
+    for e in bad["entry"]:
+        if e["resource"]["resourceType"] == "DiagnosticReport":
+            e["resource"]["effectiveDateTime"] = "yesterday"
+    p = tmp_path / "priors.json"
+    p.write_text(json.dumps(bad))
+    code, err = _run(
+        [
+            "analyze",
+            str(small_patient.folder / "t1" / "dicom"),
+            "--priors",
+            str(p),
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert "does not validate as FHIR R4" in err and "effectiveDateTime" in err
+
+
+@pytest.mark.parametrize("content", ["", "[1, 2", '{"resourceType": "Patient"}'])
+def test_priors_that_are_not_a_bundle(small_patient, tmp_path, content):
+    p = tmp_path / "priors.json"
+    p.write_text(content)
+    code, err = _run(
+        [
+            "analyze",
+            str(small_patient.folder / "t1" / "dicom"),
+            "--priors",
+            str(p),
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert "error:" in err
+
+
+def test_unknown_vendor_for_synth(tmp_path):
+    code, err = _run(["synth", str(tmp_path / "c"), "--patients", "1", "--vendors", "acme"])
+    assert code == 2
+    assert "unknown vendor" in err
