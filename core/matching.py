@@ -1,9 +1,10 @@
 """Match the lesions of the current study to the tracks of prior studies.
 
 Each prior track is represented by its most recent finding, placed in the current study's frame
-by the alignment of the prior study it came from. The assignment minimizes, over all pairs of
-the same organ within the gate, distance (mm) plus a size-disagreement term, by the Hungarian
-method (scipy ``linear_sum_assignment``). Current lesions left over are new; tracks left over
+by the alignment of the prior study it came from. The assignment minimizes, over all pairs within
+the gate, distance (mm) plus a size-disagreement term plus a penalty when the organs differ (the
+model may call a lung nodule that abuts the mediastinum a node; the prior's organ, a
+radiologist's, is kept), by the Hungarian method (scipy ``linear_sum_assignment``). Current lesions left over are new; tracks left over
 are resolved when their expected position lies inside the scanned range, not evaluable when it
 lies outside.
 
@@ -26,6 +27,7 @@ __all__ = ["MatchResult", "TrackMatch", "match_lesions"]
 
 GATE_MM = 25.0
 SIZE_WEIGHT_MM = 10.0  # cost of a factor e (2.7x) between diameters, in mm of distance
+ORGAN_MISMATCH_MM = 15.0  # cost of matching across organs, in mm of distance
 _BIG = 1e6
 
 
@@ -69,8 +71,8 @@ def match_lesions(
             assert p.centroid_lps_mm is not None
             d = float(np.linalg.norm(np.subtract(c.centroid_lps_mm, p.centroid_lps_mm)))
             dist[i, j] = d
-            if c.organ == p.organ and d <= gate_mm:
-                cost[i, j] = d + _size_cost(p, c)
+            if d <= gate_mm:
+                cost[i, j] = d + _size_cost(p, c) + (0.0 if c.organ == p.organ else ORGAN_MISMATCH_MM)
     rows, cols = linear_sum_assignment(cost)
     matches = [
         TrackMatch(current[i].lesion_id, located[j].track_id, round(float(dist[i, j]), 2))

@@ -389,6 +389,7 @@ def _compare(
         current,
         previous_sums,
         [*earlier_new, *new_ids],
+        labels={t.track_id: t.label for t in tracked},
     )
     tracked.sort(key=lambda t: (t.label[:1], int(t.label[1:]) if t.label[1:].isdigit() else 0))
     return tracked, recist

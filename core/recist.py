@@ -24,7 +24,7 @@ Every result carries its rule trace: plain sentences with the numbers that decid
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -174,6 +174,7 @@ def _target_response(
     baseline_sum: float,
     nadir_sum: float,
     trace: list[str],
+    name: Callable[[str], str],
 ) -> tuple[Response, float | None, float | None, float | None, float | None]:
     missing = [t.track_id for t in targets if current.get(t.track_id) is None]
     values: dict[str, float | None] = {}
@@ -183,7 +184,7 @@ def _target_response(
     not_evaluable = sorted(k for k, v in values.items() if v is None)
     evaluable_sum = float(sum(v for v in values.values() if v is not None))
     if missing:
-        trace.append(f"No current assessment for target(s) {', '.join(missing)}.")
+        trace.append(f"No current assessment for target(s) {', '.join(map(name, missing))}.")
 
     def pd_test(total: float) -> tuple[bool, float, float]:
         delta = total - nadir_sum
@@ -194,13 +195,13 @@ def _target_response(
         is_pd, pct, delta = pd_test(evaluable_sum)
         if is_pd:
             trace.append(
-                f"Targets {', '.join(not_evaluable)} could not be assessed, but the assessable targets "
+                f"Targets {', '.join(map(name, not_evaluable))} could not be assessed, but the assessable targets "
                 f"alone sum to {evaluable_sum:.1f} mm, {_fmt_pct(pct)} and {delta:+.1f} mm over the nadir "
                 f"of {nadir_sum:.1f} mm: PD (>= 20% and >= 5 mm)."
             )
             return Response.PD, evaluable_sum, None, pct, delta
         trace.append(
-            f"Targets {', '.join(not_evaluable)} could not be assessed and the rest do not prove "
+            f"Targets {', '.join(map(name, not_evaluable))} could not be assessed and the rest do not prove "
             f"progression: target response NE."
         )
         return Response.NE, None, None, None, None
@@ -245,6 +246,7 @@ def _non_target_response(
     current: Mapping[str, TrackObservation],
     unequivocal_progression: bool,
     trace: list[str],
+    name: Callable[[str], str],
 ) -> NonTargetResponse:
     if not non_targets:
         return NonTargetResponse.NONE
@@ -255,7 +257,7 @@ def _non_target_response(
     for les in non_targets:
         obs = current.get(les.track_id)
         if obs is None or obs.status is CurrentStatus.NOT_EVALUABLE:
-            trace.append(f"Non-target {les.track_id} could not be assessed: non-target response NE.")
+            trace.append(f"Non-target {name(les.track_id)} could not be assessed: non-target response NE.")
             return NonTargetResponse.NE
         if obs.status is CurrentStatus.ABSENT:
             continue
@@ -276,14 +278,21 @@ def assess_response(
     previous_sums_mm: Sequence[float | None] = (),
     new_lesions: Sequence[str] = (),
     non_target_unequivocal_progression: bool = False,
+    labels: Mapping[str, str] | None = None,
 ) -> RecistResult:
     """Overall RECIST 1.1 response of the current time point.
 
     ``baseline`` holds the baseline lesions, ``roles`` their roles (``select_targets``),
     ``current`` what the current study shows per track id, ``previous_sums_mm`` the target sums
-    of earlier follow-ups (None where NE), ``new_lesions`` the ids of unequivocal new lesions.
+    of earlier follow-ups (None where NE), ``new_lesions`` the ids of unequivocal new lesions;
+    ``labels`` gives the names the trace uses for track ids (``L3`` rather than a UID).
     """
     trace: list[str] = []
+    names = dict(labels or {})
+
+    def name(track_id: str) -> str:
+        return names.get(track_id, track_id)
+
     targets = [les for les in baseline if roles.get(les.track_id) is RecistRole.TARGET]
     non_targets = [les for les in baseline if roles.get(les.track_id) is RecistRole.NON_TARGET]
     baseline_sum = sum_of_diameters(baseline, roles)
@@ -294,15 +303,17 @@ def assess_response(
             f"Baseline: {len(targets)} target lesion(s), sum {baseline_sum:.1f} mm; nadir {nadir:.1f} mm."
         )
         t_resp, cur_sum, base_pct, nadir_pct, nadir_mm = _target_response(
-            targets, current, baseline_sum, nadir, trace
+            targets, current, baseline_sum, nadir, trace, name
         )
     else:
         trace.append("No measurable target lesion at baseline: response from non-target disease (Table 2).")
         t_resp, cur_sum, base_pct, nadir_pct, nadir_mm = None, None, None, None, None
-    nt_resp = _non_target_response(non_targets, current, non_target_unequivocal_progression, trace)
+    nt_resp = _non_target_response(non_targets, current, non_target_unequivocal_progression, trace, name)
 
     if new_lesions:
-        trace.append(f"New lesion(s) {', '.join(new_lesions)}: PD by RECIST 1.1 regardless of the sum.")
+        trace.append(
+            f"New lesion(s) {', '.join(map(name, new_lesions))}: PD by RECIST 1.1 regardless of the sum."
+        )
         category = Response.PD
     elif t_resp is Response.PD or nt_resp is NonTargetResponse.PD:
         category = Response.PD

@@ -129,8 +129,8 @@ def _date(d: dt.date) -> str:
 
 def _finding_sentence(f: LesionFact) -> str:
     site = lesion_site(f.organ, f.laterality)
-    kind = "node" if f.organ.is_nodal else "lesion"
-    name = f"{site.capitalize()} {kind} {f.label}".strip()
+    kind = "" if f.organ.is_nodal else " lesion"
+    name = f"{site.capitalize()}{kind} {f.label}".strip()
     role = (
         {RecistRole.TARGET: " (target)", RecistRole.NON_TARGET: " (non-target)"}.get(f.role, "")
         if f.role
@@ -148,9 +148,9 @@ def _finding_sentence(f: LesionFact) -> str:
     )
     when = f" on {_date(f.prior_date)}" if f.prior_date else ""
     if f.change is Change.NEW:
-        return f"New {site} {kind} {f.label} measures {cur}."
+        return f"New {site}{kind} {f.label} measures {cur}."
     if f.change is Change.RESOLVED:
-        if f.organ.is_nodal and cur:
+        if f.organ.is_nodal and f.short_axis_mm:
             return f"{name}{role} now measures {cur}, normal in size (previously {prior}{when})."
         return f"{name}{role} has resolved (previously {prior}{when})."
     if f.change is Change.NOT_ASSESSED:

@@ -38,7 +38,9 @@ def test_organs_and_every_lesion_are_found(segmenter, demo_patient):
             continue
         centre = np.rint(vol.lps_to_kji(row["center_lps_mm"])).astype(int)
         nearest = min(
-            lesions, key=lambda d: np.linalg.norm(np.subtract(d.centroid_lps_mm, row["center_lps_mm"])), default=None
+            lesions,
+            key=lambda d: np.linalg.norm(np.subtract(d.centroid_lps_mm, row["center_lps_mm"])),
+            default=None,
         )
         assert nearest is not None, row["label"]
         assert np.linalg.norm(np.subtract(nearest.centroid_lps_mm, row["center_lps_mm"])) < 5.0, row["label"]
@@ -57,9 +59,14 @@ def test_weights_that_do_not_fit_are_a_model_error(tmp_path):
     import torch
 
     bad = tmp_path / "bad.pt"
-    torch.save({"model": {"x": torch.zeros(1)}, "net": {"channels": [4], "strides": [], "num_res_units": 0,
-                                                         "in_channels": 2, "out_channels": 4},
-                "encoding": "encode_hu/v1"}, bad)
+    torch.save(
+        {
+            "model": {"x": torch.zeros(1)},
+            "net": {"channels": [4], "strides": [], "num_res_units": 0, "in_channels": 2, "out_channels": 4},
+            "encoding": "encode_hu/v1",
+        },
+        bad,
+    )
     with pytest.raises(ModelError, match="do not fit"):
         MonaiSegmenter(bad)
     with pytest.raises(ModelError, match="not found"):

@@ -22,13 +22,23 @@ def test_optimal_assignment_prefers_global_fit_over_greedy():
     assert r.new_lesion_ids == () and r.unmatched_track_ids == ()
 
 
-def test_organ_and_gate_separate_new_from_resolved():
-    cur = [det(1, Organ.LUNG, (0, 0, 0), 10), det(2, Organ.LIVER, (100, 0, 0), 15)]
+def test_gate_separates_new_from_resolved():
+    cur = [det(1, Organ.LIVER, (0, 0, 0), 10), det(2, Organ.LIVER, (100, 0, 0), 15)]
     pri = [prior("A", Organ.LIVER, (2, 0, 0), 10), prior("B", Organ.LIVER, (160, 0, 0), 15)]
     r = match_lesions(cur, pri)
-    assert r.matches == ()
-    assert set(r.new_lesion_ids) == {1, 2}
-    assert set(r.unmatched_track_ids) == {"A", "B"}
+    assert [(m.lesion_id, m.track_id) for m in r.matches] == [(1, "A")]
+    assert r.new_lesion_ids == (2,)
+    assert r.unmatched_track_ids == ("B",)
+
+
+def test_same_organ_is_preferred_but_a_mislabelled_organ_still_matches():
+    cur = [det(1, Organ.LIVER, (0, 0, 0), 12)]
+    pri = [prior("lung", Organ.LUNG, (3, 0, 0), 12), prior("liver", Organ.LIVER, (12, 0, 0), 12)]
+    r = match_lesions(cur, pri)
+    assert [m.track_id for m in r.matches] == ["liver"]
+    # alone, a nodule the model called a node is still its own track, not new + resolved
+    r = match_lesions([det(1, Organ.LYMPH_NODE, (0, 0, 0), 12)], [prior("lung", Organ.LUNG, (3, 0, 0), 12)])
+    assert [m.track_id for m in r.matches] == ["lung"]
 
 
 def test_priors_without_position_are_never_guessed():
