@@ -27,9 +27,11 @@ class Settings(BaseSettings):
     segmenter_weights: Path = _DEFAULT_WEIGHTS
     database_url: str = "sqlite:///interval.db"
     min_lesion_long_axis_mm: float = 5.0
-    min_lesion_volume_ml: float = 0.05
+    min_lesion_volume_ml: float = 0.1
     min_lesion_probability: float = 0.5
     match_gate_mm: float = GATE_MM
+    new_lesion_min_mm: float = 10.0
+    new_lesion_min_probability: float = 0.8
 
     @model_validator(mode="after")
     def _sane(self) -> Settings:
@@ -45,4 +47,6 @@ class Settings(BaseSettings):
                 min_probability=self.min_lesion_probability,
             ),
             gate_mm=self.match_gate_mm,
+            new_lesion_min_mm=self.new_lesion_min_mm,
+            new_lesion_min_probability=self.new_lesion_min_probability,
         )

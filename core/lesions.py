@@ -19,7 +19,7 @@ class LesionFilter:
     more often noise than disease. Values are settings, reported with every result."""
 
     min_long_axis_mm: float = 5.0
-    min_volume_ml: float = 0.05
+    min_volume_ml: float = 0.1
     min_probability: float = 0.5
 
 

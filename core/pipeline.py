@@ -19,10 +19,12 @@ from core.lesions import LesionFilter, extract_lesions
 from core.matching import GATE_MM, MatchResult, match_lesions
 from core.ports import ImageSource, PriorStore, Segmenter
 from core.recist import (
+    NEW_LESION_MIN_MM,
     CurrentStatus,
     RecistResult,
     TrackObservation,
     assess_response,
+    is_unequivocal_new,
     select_targets,
 )
 from core.registration import Alignment, estimate_translation
@@ -48,6 +50,8 @@ _TRACK_NS = uuid.UUID("2f4b8c7e-3f0a-4a51-b3f3-2c9a4d0e7b11")
 class AnalysisSettings:
     lesion_filter: LesionFilter = field(default_factory=LesionFilter)
     gate_mm: float = GATE_MM
+    new_lesion_min_mm: float = NEW_LESION_MIN_MM  # smaller new findings are equivocal, not PD
+    new_lesion_min_probability: float = 0.8  # less certain new findings are equivocal, not PD
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,7 @@ class TrackedLesion:
     prior: PriorFinding | None
     prior_date: dt.date | None
     match_distance_mm: float | None = None
+    equivocal: bool = False  # a new finding too small or too uncertain to call progression
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +202,7 @@ def _fact(t: TrackedLesion) -> LesionFact:
         prior_short_axis_mm=t.prior.short_axis_mm if t.prior else None,
         prior_date=t.prior_date,
         confidence=t.detected.probability if t.detected else None,
+        equivocal=t.equivocal,
     )
 
 
@@ -351,7 +357,13 @@ def _compare(
     for n, lesion_id in enumerate(result.new_lesion_ids):
         det = by_lesion[lesion_id]
         tid = new_track_id(acq.study_uid, lesion_id)
-        new_ids.append(tid)
+        meas = det.measurement
+        equivocal = not (
+            is_unequivocal_new(det.organ, meas.long_axis_mm, meas.short_axis_mm, settings.new_lesion_min_mm)
+            and det.probability >= settings.new_lesion_min_probability
+        )
+        if not equivocal:
+            new_ids.append(tid)
         tracked.append(
             TrackedLesion(
                 tid,
@@ -364,12 +376,19 @@ def _compare(
                 det,
                 None,
                 None,
+                equivocal=equivocal,
             )
         )
     # A lesion absent at baseline that is present now keeps the assessment PD (RECIST 1.1
     # progression is not undone at later time points).
     earlier_new = [
-        tid for tid in latest if tid not in baseline_ids and current[tid].status is CurrentStatus.MEASURED
+        tid
+        for tid, (f, _) in latest.items()
+        if tid not in baseline_ids
+        and current[tid].status is CurrentStatus.MEASURED
+        and is_unequivocal_new(
+            f.organ, current[tid].long_axis_mm, current[tid].short_axis_mm, settings.new_lesion_min_mm
+        )
     ]
     previous_sums: list[float | None] = []
     for tp in tps[1:]:

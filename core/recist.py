@@ -16,7 +16,10 @@ Rules implemented exactly as written there:
 - Non-target response: CR when all have disappeared (nodes < 10 mm); PD only for unequivocal
   progression, a radiologist's call passed in explicitly; non-CR/non-PD otherwise.
 - Overall response: Table 1 (target disease) or Table 2 (non-target disease only); any
-  unequivocal new lesion is PD.
+  unequivocal new lesion is PD. RECIST leaves "unequivocal" to the reader and names small size as
+  the usual reason for doubt; Interval's rule (``is_unequivocal_new``) is a new lesion of at least
+  10 mm (long axis; short axis for nodes, below which a node is normal). Smaller new findings are
+  reported as equivocal and followed; if a later study confirms them, they count then.
 
 Every result carries its rule trace: plain sentences with the numbers that decided it.
 """
@@ -39,6 +42,7 @@ __all__ = [
     "TrackObservation",
     "assess_response",
     "is_measurable",
+    "is_unequivocal_new",
     "select_targets",
     "sum_of_diameters",
 ]
@@ -49,6 +53,7 @@ PATHOLOGICAL_NODE_SHORT_AXIS_MM = 10.0
 PR_DECREASE = 0.30
 PD_INCREASE = 0.20
 PD_ABSOLUTE_MM = 5.0
+NEW_LESION_MIN_MM = 10.0
 
 
 class Response(enum.StrEnum):
@@ -129,6 +134,13 @@ class RecistResult:
 
 def _diameter(lesion: MeasuredLesion) -> float:
     return lesion.short_axis_mm if lesion.organ.is_nodal else lesion.long_axis_mm
+
+
+def is_unequivocal_new(
+    organ: Organ, long_axis_mm: float, short_axis_mm: float, min_mm: float = NEW_LESION_MIN_MM
+) -> bool:
+    """Whether a new lesion is large enough to call progression (see the module docstring)."""
+    return (short_axis_mm if organ.is_nodal else long_axis_mm) >= min_mm
 
 
 def is_measurable(lesion: MeasuredLesion) -> bool:

@@ -52,6 +52,7 @@ class LesionFact:
     prior_short_axis_mm: float | None
     prior_date: dt.date | None
     confidence: float | None = None  # model probability for detected lesions
+    equivocal: bool = False  # a new finding too small or uncertain to call progression
 
     def diameter_mm(self) -> float | None:
         return self.short_axis_mm if self.organ.is_nodal else self.long_axis_mm
@@ -147,6 +148,8 @@ def _finding_sentence(f: LesionFact) -> str:
         else None
     )
     when = f" on {_date(f.prior_date)}" if f.prior_date else ""
+    if f.change is Change.NEW and f.equivocal:
+        return f"Small new {site}{kind} {f.label} measures {cur}, equivocal; attention on follow-up."
     if f.change is Change.NEW:
         return f"New {site}{kind} {f.label} measures {cur}."
     if f.change is Change.RESOLVED:
@@ -180,12 +183,18 @@ def render_report(facts: ReportFacts) -> ReportText:
             f"Baseline study: {len(facts.lesions)} lesion(s), {n_t} selected as RECIST 1.1 target(s)."
         )
     else:
-        new = [f for f in facts.lesions if f.change is Change.NEW]
+        new = [f for f in facts.lesions if f.change is Change.NEW and not f.equivocal]
         if new:
             impression_parts.append(
                 "New "
                 + ", ".join(f"{lesion_site(f.organ, f.laterality)} lesion {f.label}" for f in new)
                 + "."
+            )
+        doubtful = [f.label for f in facts.lesions if f.change is Change.NEW and f.equivocal]
+        if doubtful:
+            impression_parts.append(
+                f"Equivocal small new finding(s) {', '.join(doubtful)}, not counted as progression; "
+                "follow-up advised."
             )
         if r.current_sum_mm is not None and r.change_from_baseline_pct is not None:
             impression_parts.append(

@@ -136,3 +136,12 @@ def test_non_target_only_disease_uses_table_2():
         assess_response(base, roles, {"c": seen(8.0)}, non_target_unequivocal_progression=True).category
         is Response.PD
     )
+
+
+def test_new_lesions_under_10_mm_are_equivocal():
+    from core.recist import is_unequivocal_new
+
+    assert is_unequivocal_new(Organ.LIVER, 10.0, 6.0)
+    assert not is_unequivocal_new(Organ.LUNG, 9.9, 9.0)
+    assert not is_unequivocal_new(Organ.LYMPH_NODE, 14.0, 9.5)  # a node under 10 mm short axis is normal
+    assert is_unequivocal_new(Organ.LYMPH_NODE, 14.0, 10.0)

@@ -25,6 +25,25 @@ def fact(label, organ, change, cur, prior, role=RecistRole.TARGET, side=None):
     )
 
 
+def test_equivocal_new_finding_is_reported_but_not_called_progression():
+    f = LesionFact(
+        "uid-L4",
+        "L4",
+        Organ.LUNG,
+        "left",
+        RecistRole.NEW,
+        Change.NEW,
+        6.2,
+        5.1,
+        None,
+        None,
+        None,
+        equivocal=True,
+    )
+    text = render_report(ReportFacts(D1, "1.2.3", (D0,), (f,), None))
+    assert "Small new left lung lesion L4 measures 6 x 5 mm, equivocal" in text.findings
+
+
 def test_change_classes_use_10_percent_or_2_mm():
     assert classify_change(20.0, 21.5, Organ.LIVER) is Change.STABLE  # +1.5 mm
     assert classify_change(40.0, 43.9, Organ.LIVER) is Change.STABLE  # +9.75%
