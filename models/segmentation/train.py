@@ -97,7 +97,11 @@ def main() -> None:
         "sampling": "60% lesion-centred, 15% liver-centred, 25% uniform",
         "encoding": "encode_hu/v1",
     }
-    (args.out / "train_config.json").write_text(json.dumps(config, indent=1))
+    cfg_path = args.out / "train_config.json"
+    runs = json.loads(cfg_path.read_text()).get("runs", []) if cfg_path.exists() else []
+    runs.append({"max_steps": args.steps, "max_minutes": args.minutes, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    config["runs"] = runs  # one entry per invocation: a resumed training shows each leg
+    cfg_path.write_text(json.dumps(config, indent=1))
 
     random.seed(args.seed)
     np.random.seed(args.seed)
