@@ -99,7 +99,9 @@ def main() -> None:
     }
     cfg_path = args.out / "train_config.json"
     runs = json.loads(cfg_path.read_text()).get("runs", []) if cfg_path.exists() else []
-    runs.append({"max_steps": args.steps, "max_minutes": args.minutes, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    runs.append(
+        {"max_steps": args.steps, "max_minutes": args.minutes, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    )
     config["runs"] = runs  # one entry per invocation: a resumed training shows each leg
     cfg_path.write_text(json.dumps(config, indent=1))
 

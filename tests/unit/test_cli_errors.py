@@ -40,6 +40,11 @@ def test_unreadable_files(small_patient, tmp_path):
     assert "SYNTHETIC" not in err
 
 
+def _analyze_with_priors(patient, priors, tmp_path):
+    study = patient.folder / "t1" / "dicom"
+    return _run(["analyze", str(study), "--priors", str(priors), "--out", str(tmp_path / "out"), "--quiet"])
+
+
 def test_priors_that_do_not_validate(small_patient, tmp_path):
     bad = json.loads((small_patient.folder / "priors.json").read_text())
     for e in bad["entry"]:
@@ -47,17 +52,7 @@ def test_priors_that_do_not_validate(small_patient, tmp_path):
             e["resource"]["effectiveDateTime"] = "yesterday"
     p = tmp_path / "priors.json"
     p.write_text(json.dumps(bad))
-    code, err = _run(
-        [
-            "analyze",
-            str(small_patient.folder / "t1" / "dicom"),
-            "--priors",
-            str(p),
-            "--out",
-            str(tmp_path / "out"),
-            "--quiet",
-        ]
-    )
+    code, err = _analyze_with_priors(small_patient, p, tmp_path)
     assert code == 2
     assert "does not validate as FHIR R4" in err and "effectiveDateTime" in err
 
@@ -66,17 +61,7 @@ def test_priors_that_do_not_validate(small_patient, tmp_path):
 def test_priors_that_are_not_a_bundle(small_patient, tmp_path, content):
     p = tmp_path / "priors.json"
     p.write_text(content)
-    code, err = _run(
-        [
-            "analyze",
-            str(small_patient.folder / "t1" / "dicom"),
-            "--priors",
-            str(p),
-            "--out",
-            str(tmp_path / "out"),
-            "--quiet",
-        ]
-    )
+    code, err = _analyze_with_priors(small_patient, p, tmp_path)
     assert code == 2
     assert "error:" in err
 

@@ -89,37 +89,40 @@ def test_duplicate_positions_are_refused(small_patient, tmp_path):
         load_study(d)
 
 
+def _rewrite(folder: Path, change) -> None:
+    for f in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(f)
+        change(ds)
+        ds.save_as(f)
+
+
 def test_gantry_tilt_is_refused(small_patient, tmp_path):
     d = _copy_series(small_patient, tmp_path)
-    for n, f in enumerate(sorted(d.iterdir())):
-        ds = pydicom.dcmread(f)
-        ipp = [float(v) for v in ds.ImagePositionPatient]
-        ds.ImagePositionPatient = [ipp[0], ipp[1] + 0.0, ipp[2]]
-        ds.ImagePositionPatient[1] = ipp[1] + 0.3 * n * 0  # positions unchanged...
-        ds.GantryDetectorTilt = "15"  # ...but the header says the gantry was tilted
-        ds.save_as(f)
+    _rewrite(d, lambda ds: setattr(ds, "GantryDetectorTilt", "15"))  # the header says the gantry was tilted
     with pytest.raises(InvalidVolumeError, match="gantry tilt"):
         load_study(d)
 
 
 def test_sheared_positions_are_refused_as_tilt(small_patient, tmp_path):
     d = _copy_series(small_patient, tmp_path)
-    for f in d.iterdir():
-        ds = pydicom.dcmread(f)
-        ipp = [float(v) for v in ds.ImagePositionPatient]
-        ds.ImagePositionPatient = [ipp[0], ipp[1] + 0.25 * ipp[2], ipp[2]]
-        ds.save_as(f)
+
+    def shear(ds):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.25 * z, z]  # rows shift with z: a tilted gantry's geometry
+
+    _rewrite(d, shear)
     with pytest.raises(InvalidVolumeError, match="gantry tilt"):
         load_study(d)
 
 
 def test_enhanced_multiframe_is_refused_with_advice(small_patient, tmp_path):
     d = _copy_series(small_patient, tmp_path)
-    for f in d.iterdir():
-        ds = pydicom.dcmread(f)
+
+    def enhanced(ds):
         ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
         ds.NumberOfFrames = 2
-        ds.save_as(f)
+
+    _rewrite(d, enhanced)
     with pytest.raises(NoSeriesFoundError, match="enhanced multi-frame"):
         load_study(d)
 
