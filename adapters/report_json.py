@@ -49,6 +49,7 @@ def _lesion(t: TrackedLesion) -> dict[str, Any]:
         },
         "match_distance_mm": _r(t.match_distance_mm),
         "equivocal": t.equivocal,
+        "guided": t.guided,
     }
 
 

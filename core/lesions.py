@@ -8,9 +8,9 @@ import numpy as np
 from scipy import ndimage
 
 from core.geometry import measure_mask
-from core.types import DetectedLesion, LabelId, Organ, Segmentation, Volume
+from core.types import DetectedLesion, LabelId, Measurement, Organ, Segmentation, Volume
 
-__all__ = ["LesionFilter", "extract_lesions", "laterality_of"]
+__all__ = ["LesionFilter", "extract_lesions", "guided_search", "laterality_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +107,73 @@ def extract_lesions(
         )
         for i, d in enumerate(out)
     ]
+
+
+def guided_search(
+    volume: Volume,
+    seg: Segmentation,
+    expected_lps_mm: tuple[float, float, float],
+    organ: Organ,
+    avoid_lps_mm: list[tuple[float, float, float]],
+    radius_mm: float = 12.0,
+    min_probability: float = 0.3,
+    min_long_axis_mm: float = 3.0,
+) -> DetectedLesion | None:
+    """Look again where a known lesion should be, as a radiologist does with the prior beside.
+
+    A prior lesion that the detector missed on this study is searched for within ``radius_mm`` of
+    its aligned position, at a lower probability threshold. The nearest blob is returned (or None)
+    unless it is another detected lesion (a centroid in ``avoid_lps_mm`` within 5 mm).
+    """
+    centre = volume.lps_to_kji(expected_lps_mm)
+    r_vox = [radius_mm / s for s in volume.spacing_kji_mm]
+    lo = [max(0, int(np.floor(c - r))) for c, r in zip(centre, r_vox, strict=True)]
+    hi = [min(n, int(np.ceil(c + r)) + 1) for c, r, n in zip(centre, r_vox, volume.shape, strict=True)]
+    if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+        return None
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    grid = np.stack(
+        np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), axis=-1
+    )
+    dist_mm = np.linalg.norm((grid - centre) * np.asarray(volume.spacing_kji_mm), axis=-1)
+    cand = (seg.lesion_probability[box] >= min_probability) & (dist_mm <= radius_mm)
+    comps, n = ndimage.label(cand, structure=np.ones((3, 3, 3), dtype=bool))
+    best: tuple[float, np.ndarray] | None = None
+    for idx in range(1, n + 1):
+        comp = comps == idx
+        c_kji = np.argwhere(comp).mean(axis=0) + np.asarray(lo, dtype=float)
+        c_lps = volume.kji_to_lps(c_kji)
+        if any(np.linalg.norm(c_lps - np.asarray(a)) < 5.0 for a in avoid_lps_mm):
+            continue
+        d = float(np.linalg.norm(c_lps - np.asarray(expected_lps_mm)))
+        if best is None or d < best[0]:
+            best = (d, comp)
+    if best is None:
+        return None
+    comp = best[1]
+    m = measure_mask(comp, volume.spacing_kji_mm)
+    if m.long_axis_mm < min_long_axis_mm:
+        return None
+    offset = np.asarray(lo, dtype=float)
+    centroid_kji = np.argwhere(comp).mean(axis=0) + offset
+    (e0, e1) = m.long_axis_endpoints_kji
+    m = Measurement(
+        long_axis_mm=m.long_axis_mm,
+        short_axis_mm=m.short_axis_mm,
+        volume_ml=m.volume_ml,
+        slice_index=m.slice_index + lo[0],
+        long_axis_endpoints_kji=(_vec(np.add(e0, offset)), _vec(np.add(e1, offset))),
+    )
+    c = volume.kji_to_lps(centroid_kji)
+    return DetectedLesion(
+        lesion_id=0,
+        organ=organ,
+        centroid_lps_mm=(float(c[0]), float(c[1]), float(c[2])),
+        measurement=m,
+        probability=float(seg.lesion_probability[box][comp].mean()),
+        voxel_count=int(comp.sum()),
+    )
+
+
+def _vec(a: np.ndarray) -> tuple[float, float, float]:
+    return (float(a[0]), float(a[1]), float(a[2]))

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from core.errors import AnalysisError, IntervalError
-from core.lesions import LesionFilter, extract_lesions
+from core.lesions import LesionFilter, extract_lesions, guided_search
 from core.matching import GATE_MM, MatchResult, match_lesions
 from core.ports import ImageSource, PriorStore, Segmenter
 from core.recist import (
@@ -36,6 +36,7 @@ from core.types import (
     PriorFinding,
     PriorTimePoint,
     RecistRole,
+    Segmentation,
     Volume,
 )
 
@@ -52,6 +53,7 @@ class AnalysisSettings:
     gate_mm: float = GATE_MM
     new_lesion_min_mm: float = NEW_LESION_MIN_MM  # smaller new findings are equivocal, not PD
     new_lesion_min_probability: float = 0.8  # less certain new findings are equivocal, not PD
+    guided_search: bool = True  # look again, at a lower threshold, where a missed prior lesion should be
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,7 @@ class TrackedLesion:
     prior_date: dt.date | None
     match_distance_mm: float | None = None
     equivocal: bool = False  # a new finding too small or too uncertain to call progression
+    guided: bool = False  # found only by looking again at the prior lesion's aligned position
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +158,7 @@ def analyze_study(
     with steps.step("compare") as d:
         alignments: dict[str, Alignment] = {}
         if tps:
-            lesions, recist = _compare(volume, detected, tps, images, settings, alignments, warnings)
+            lesions, recist = _compare(volume, seg, detected, tps, images, settings, alignments, warnings)
             d.append(f"RECIST {recist.category.value}")
         else:
             lesions, recist = _baseline(acq.study_uid, detected), None
@@ -203,6 +206,7 @@ def _fact(t: TrackedLesion) -> LesionFact:
         prior_date=t.prior_date,
         confidence=t.detected.probability if t.detected else None,
         equivocal=t.equivocal,
+        guided=t.guided,
     )
 
 
@@ -290,6 +294,7 @@ def _in_current_frame(
 
 def _compare(
     volume: Volume,
+    seg: Segmentation,
     detected: list[DetectedLesion],
     tps: list[PriorTimePoint],
     images: ImageSource,
@@ -319,12 +324,16 @@ def _compare(
     for track_id, (f, tp) in latest.items():
         m = match_of.get(track_id)
         det = by_lesion[m.lesion_id] if m else None
+        pos = by_track_moved[track_id].centroid_lps_mm
+        guided = False
+        if det is None and pos is not None and volume.contains_lps(pos) and settings.guided_search:
+            det = guided_search(volume, seg, pos, f.organ, [d.centroid_lps_mm for d in detected])
+            guided = det is not None
         if det is not None:
             obs = TrackObservation(
                 CurrentStatus.MEASURED, det.measurement.long_axis_mm, det.measurement.short_axis_mm
             )
         else:
-            pos = by_track_moved[track_id].centroid_lps_mm
             status = (
                 CurrentStatus.ABSENT
                 if pos is not None and volume.contains_lps(pos)
@@ -347,6 +356,7 @@ def _compare(
                 prior=f,
                 prior_date=tp.study_date,
                 match_distance_mm=m.distance_mm if m else None,
+                guided=guided,
             )
         )
     next_label = 1 + max(

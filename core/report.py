@@ -53,6 +53,7 @@ class LesionFact:
     prior_date: dt.date | None
     confidence: float | None = None  # model probability for detected lesions
     equivocal: bool = False  # a new finding too small or uncertain to call progression
+    guided: bool = False  # seen only on a second look at the prior lesion's aligned position
 
     def diameter_mm(self) -> float | None:
         return self.short_axis_mm if self.organ.is_nodal else self.long_axis_mm
@@ -163,7 +164,8 @@ def _finding_sentence(f: LesionFact) -> str:
     verb = {Change.INCREASED: "has increased", Change.DECREASED: "has decreased", Change.STABLE: "is stable"}[
         f.change
     ]
-    return f"{name}{role} {verb}, now {cur} (previously {prior}{when})."
+    faint = " (faint; seen on a second look at its prior position)" if f.guided else ""
+    return f"{name}{role} {verb}, now {cur}{faint} (previously {prior}{when})."
 
 
 def render_report(facts: ReportFacts) -> ReportText:
