@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from core.errors import AnalysisError, IntervalError
+from core.history import TimePointAssessment, assess_history, baseline_roles
+from core.irecist import IRecistState, irecist_step
 from core.lesions import LesionFilter, extract_lesions, guided_search
 from core.matching import GATE_MM, MatchResult, match_lesions
 from core.ports import ImageSource, PriorStore, Segmenter
@@ -54,6 +56,7 @@ class AnalysisSettings:
     new_lesion_min_mm: float = NEW_LESION_MIN_MM  # smaller new findings are equivocal, not PD
     new_lesion_min_probability: float = 0.8  # less certain new findings are equivocal, not PD
     guided_search: bool = True  # look again, at a lower threshold, where a missed prior lesion should be
+    irecist: bool = False  # also assess iRECIST (progression confirmed at the next time point)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,8 @@ class StudyResult:
     model_version: str
     lesions: tuple[TrackedLesion, ...]
     recist: RecistResult | None
+    irecist: IRecistState | None
+    history: tuple[TimePointAssessment, ...]  # the prior time points, reassessed (baseline first)
     facts: ReportFacts
     report: ReportText
     prior_dates: tuple[dt.date, ...]
@@ -157,9 +162,15 @@ def analyze_study(
         d.append(f"{len(tps)} prior stud{'y' if len(tps) == 1 else 'ies'}")
     with steps.step("compare") as d:
         alignments: dict[str, Alignment] = {}
+        irecist: IRecistState | None = None
+        history: list[TimePointAssessment] = []
         if tps:
-            lesions, recist = _compare(volume, seg, detected, tps, images, settings, alignments, warnings)
-            d.append(f"RECIST {recist.category.value}")
+            lesions, recist, irecist, history = _compare(
+                volume, seg, detected, tps, images, settings, alignments, warnings
+            )
+            d.append(
+                f"RECIST {recist.category.value}" + (f", iRECIST {irecist.response.value}" if irecist else "")
+            )
         else:
             lesions, recist = _baseline(acq.study_uid, detected), None
             d.append("baseline study")
@@ -171,6 +182,7 @@ def analyze_study(
             lesions=tuple(_fact(t) for t in lesions),
             recist=recist,
             prior_impression=tps[-1].report_text if tps else "",
+            irecist=irecist,
         )
         report = render_report(facts)
         d.append("deterministic wording")
@@ -179,6 +191,8 @@ def analyze_study(
         model_version=segmenter.model_version,
         lesions=tuple(lesions),
         recist=recist,
+        irecist=irecist,
+        history=tuple(history),
         facts=facts,
         report=report,
         prior_dates=tuple(tp.study_date for tp in tps),
@@ -301,7 +315,7 @@ def _compare(
     settings: AnalysisSettings,
     alignments: dict[str, Alignment],
     warnings: list[str],
-) -> tuple[list[TrackedLesion], RecistResult]:
+) -> tuple[list[TrackedLesion], RecistResult, IRecistState | None, list[TimePointAssessment]]:
     acq = volume.acquisition
     assert acq is not None
     latest = _latest_findings(tps)
@@ -312,11 +326,7 @@ def _compare(
     match_of = {m.track_id: m for m in result.matches}
 
     baseline = tps[0]
-    roles: dict[str, RecistRole] = {
-        f.track_id: f.role for f in baseline.findings if f.role in (RecistRole.TARGET, RecistRole.NON_TARGET)
-    }
-    if not roles:
-        roles = select_targets(list(baseline.findings))
+    roles = baseline_roles(baseline)
     baseline_ids = {f.track_id for f in baseline.findings}
 
     current: dict[str, TrackObservation] = {}
@@ -400,25 +410,25 @@ def _compare(
             f.organ, current[tid].long_axis_mm, current[tid].short_axis_mm, settings.new_lesion_min_mm
         )
     ]
-    previous_sums: list[float | None] = []
-    for tp in tps[1:]:
-        seen = {f.track_id: f for f in tp.findings}
-        previous_sums.append(
-            float(
-                sum(
-                    seen[t].recist_diameter_mm() if t in seen else 0.0
-                    for t, r in roles.items()
-                    if r is RecistRole.TARGET
-                )
-            )
-        )
+    history = assess_history(tps)
+    new_all = [*earlier_new, *new_ids]
     recist = assess_response(
         list(baseline.findings),
         roles,
         current,
-        previous_sums,
-        [*earlier_new, *new_ids],
+        [a.target_sum_mm for a in history[1:]],
+        new_all,
         labels={t.track_id: t.label for t in tracked},
     )
+    irecist = None
+    if settings.irecist:
+        sizes = {
+            t.track_id: (current[t.track_id].diameter_mm(t.organ) or 0.0) if t.track_id in current else 0.0
+            for t in tracked
+        }
+        for t in tracked:
+            if t.detected is not None and t.track_id in new_ids:
+                sizes[t.track_id] = t.detected.measurement.recist_diameter_mm(t.organ)
+        irecist = irecist_step(history[-1].irecist, recist, {k: sizes.get(k, 0.0) for k in new_all})
     tracked.sort(key=lambda t: (t.label[:1], int(t.label[1:]) if t.label[1:].isdigit() else 0))
-    return tracked, recist
+    return tracked, recist, irecist, history

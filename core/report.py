@@ -10,6 +10,7 @@ import datetime as dt
 import enum
 from dataclasses import dataclass
 
+from core.irecist import IRecistState
 from core.recist import RecistResult
 from core.types import Organ, PriorTimePoint, RecistRole
 
@@ -70,6 +71,7 @@ class ReportFacts:
     lesions: tuple[LesionFact, ...]
     recist: RecistResult | None
     prior_impression: str = ""
+    irecist: IRecistState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +206,8 @@ def render_report(facts: ReportFacts) -> ReportText:
                 f"({_mm(r.baseline_sum_mm)}) and {_mm(r.nadir_sum_mm)} at nadir."
             )
         impression_parts.append(f"RECIST 1.1: {r.category.label} ({r.category.value}).")
+        if facts.irecist is not None:
+            impression_parts.append(f"iRECIST: {facts.irecist.response.value}.")
     return ReportText(comparison=comparison, findings=findings, impression=" ".join(impression_parts))
 
 

@@ -163,6 +163,8 @@ def synth(
         str, typer.Option(help="Comma-separated vendor profiles.")
     ] = "ge,siemens,philips,canon",
     start: Annotated[int, typer.Option(help="Index of the first patient.")] = 0,
+    min_time_points: Annotated[int, typer.Option(min=2, max=6, help="Fewest scans per patient.")] = 2,
+    max_time_points: Annotated[int, typer.Option(min=2, max=6, help="Most scans per patient.")] = 4,
 ) -> None:
     """Generate a synthetic longitudinal CT cohort with ground truth and FHIR priors."""
     from fixtures.synth.cohort import CohortOptions, make_cohort
@@ -173,7 +175,12 @@ def synth(
         unknown = [v for v in names if v not in VENDORS]
         if unknown:
             raise InputError(f"unknown vendor profile(s) {unknown}; choose from {sorted(VENDORS)}")
-        made = make_cohort(out, patients, CohortOptions(seed=seed, vendors=names), start=start)
+        if min_time_points > max_time_points:
+            raise InputError("--min-time-points must not exceed --max-time-points")
+        options = CohortOptions(
+            seed=seed, vendors=names, min_time_points=min_time_points, max_time_points=max_time_points
+        )
+        made = make_cohort(out, patients, options, start=start)
         for p in made:
             out_console.print(f"{p.patient_id}: {len(p.time_points)} time points in {p.folder}")
 
@@ -212,6 +219,44 @@ def demo(
             out_console.print(f"[bold red]demo report disagrees with the ground truth[/]: {agreement.reason}")
             if check:
                 raise typer.Exit(3)
+
+
+@app.command("evaluate-tracking")
+def evaluate_tracking_cmd(
+    cohort: Annotated[Path, typer.Argument(help="A cohort made by 'interval synth'.")],
+    segmenter: Annotated[str, typer.Option(help="'truth' (ground-truth masks) or 'model'.")] = "truth",
+    out: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
+) -> None:
+    """Track linking, new-lesion recall and RECIST agreement over every follow-up of a cohort."""
+    from fixtures.synth.evaluation import TruthSegmenter, evaluate_tracking
+
+    with _user_errors(out.parent if out else None):
+        if segmenter == "truth":
+            result = evaluate_tracking(cohort, TruthSegmenter, progress=err_console.print)
+        elif segmenter == "model":
+            from adapters.settings import Settings
+            from models.segmentation.inference import MonaiSegmenter
+
+            model = MonaiSegmenter(Settings().segmenter_weights)
+            result = evaluate_tracking(cohort, lambda _: model, progress=err_console.print)
+        else:
+            raise InputError(f"--segmenter must be 'truth' or 'model', got {segmenter!r}")
+        result["segmenter"] = segmenter
+        table = Table(title=f"Longitudinal validation ({segmenter} segmentation)")
+        for col in ("group", "track links", "new lesions >= 10 mm", "RECIST agreement"):
+            table.add_column(col)
+        for key, v in result["summary"].items():
+            t, n, r = v["track_links"], v["new_lesion_recall"], v["recist_agreement"]
+            table.add_row(
+                key,
+                f"{t['correct']}/{t['total']} ({t['rate']})",
+                f"{n['found']}/{n['total']} ({n['rate']})",
+                f"{r['agree']}/{r['total']} ({r['rate']})",
+            )
+        out_console.print(table)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
 
 
 def main() -> None:  # pragma: no cover - console entry

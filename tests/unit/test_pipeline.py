@@ -8,7 +8,6 @@ in tests/integration and models/weights/metrics.json.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
@@ -17,25 +16,8 @@ from adapters.prior_bundle import BundlePriorStore, NoPriors
 from core.pipeline import STEPS, analyze_study
 from core.recist import CurrentStatus
 from core.registration import estimate_translation
-from core.types import Segmentation, Volume
 from fixtures.synth.demo import compare_with_truth
-
-
-class TruthSegmenter:
-    """Returns the generator's label map for the study (a test double of the Segmenter port)."""
-
-    model_version = "truth"
-
-    def __init__(self, patient_folder: Path) -> None:
-        self.by_uid = {}
-        for tp in patient_folder.glob("t*"):
-            truth = json.loads((tp / "truth.json").read_text())
-            self.by_uid[truth["study_uid"]] = tp / "truth_labels.npz"
-
-    def segment(self, volume: Volume) -> Segmentation:
-        assert volume.acquisition is not None
-        labels = np.load(self.by_uid[volume.acquisition.study_uid])["labels"]
-        return Segmentation(labels=labels, lesion_probability=(labels == 3).astype(np.float32))
+from fixtures.synth.evaluation import TruthSegmenter
 
 
 def test_follow_up_with_perfect_segmentation_matches_truth(demo_patient):
@@ -99,3 +81,21 @@ def test_registration_recovers_the_repositioning(demo_patient):
             # rotation about the long axis (up to 3.4 degrees) is left to the matcher's gate
             assert np.linalg.norm(err) < 10.0
     assert al.score > 0.8
+
+
+def test_irecist_option_follows_the_recist_category(demo_patient):
+    from core.pipeline import AnalysisSettings
+
+    folder = demo_patient.folder
+    follow = folder / demo_patient.time_points[-1]
+    result = analyze_study(
+        str(follow / "dicom"),
+        images=FolderImageSource([folder]),
+        priors=BundlePriorStore(folder / "priors.json"),
+        segmenter=TruthSegmenter(folder),
+        settings=AnalysisSettings(irecist=True),
+    )
+    assert result.recist is not None and result.irecist is not None
+    assert result.irecist.response.value == "i" + result.recist.category.value
+    assert f"iRECIST: {result.irecist.response.value}." in result.report.impression
+    assert len(result.history) == len(demo_patient.time_points) - 1
