@@ -99,6 +99,19 @@ def result_to_json(result: StudyResult) -> dict[str, Any]:
             "new_lesions": list(r.new_lesions),
             "trace": list(r.trace),
         },
+        "irecist": None
+        if result.irecist is None
+        else {"response": result.irecist.response.value, "trace": list(result.irecist.trace)},
+        "history": [
+            {
+                "study_date": a.study_date.isoformat(),
+                "study_uid": a.study_uid,
+                "target_sum_mm": _r(a.target_sum_mm),
+                "recist": a.recist.category.value if a.recist else None,
+                "irecist": a.irecist.response.value if a.irecist else None,
+            }
+            for a in result.history
+        ],
         "report": {
             "comparison": result.report.comparison,
             "findings": result.report.findings,

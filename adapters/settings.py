@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     match_gate_mm: float = GATE_MM
     new_lesion_min_mm: float = 10.0
     new_lesion_min_probability: float = 0.8
+    irecist: bool = False
 
     @model_validator(mode="after")
     def _sane(self) -> Settings:
@@ -49,4 +50,5 @@ class Settings(BaseSettings):
             gate_mm=self.match_gate_mm,
             new_lesion_min_mm=self.new_lesion_min_mm,
             new_lesion_min_probability=self.new_lesion_min_probability,
+            irecist=self.irecist,
         )

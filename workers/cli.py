@@ -82,7 +82,12 @@ def _progress_callback(progress: Progress) -> Callable[[str, str, str], None]:
 
 
 def run_analysis(
-    study_dir: Path, priors: Path | None, prior_images: list[Path], out: Path, quiet: bool = False
+    study_dir: Path,
+    priors: Path | None,
+    prior_images: list[Path],
+    out: Path,
+    quiet: bool = False,
+    irecist: bool | None = None,
 ) -> Any:
     """Analyze one study in-process and write report.json + report.md; returns the result."""
     from adapters.image_folder import FolderImageSource
@@ -93,6 +98,8 @@ def run_analysis(
     from models.segmentation.inference import MonaiSegmenter
 
     settings = Settings()
+    if irecist is not None:
+        settings = settings.model_copy(update={"irecist": irecist})
     roots = prior_images or ([priors.parent] if priors is not None else [])
     images = FolderImageSource(roots)
     store = BundlePriorStore(priors) if priors is not None else NoPriors()
@@ -123,6 +130,20 @@ def run_analysis(
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result_to_json(result), indent=1))
     (out / "report.md").write_text(result_to_markdown(result))
+    if result.history:
+        from adapters.charts import CoursePoint, draw_course
+
+        points = [
+            CoursePoint(a.study_date, a.target_sum_mm, a.recist.category.value if a.recist else None)
+            for a in result.history
+        ]
+        if result.recist is not None:
+            points.append(
+                CoursePoint(
+                    result.acquisition.study_date, result.recist.current_sum_mm, result.recist.category.value
+                )
+            )
+        draw_course(points, out / "history")
     return result
 
 
@@ -147,10 +168,13 @@ def analyze(
     ] = None,
     out: Annotated[Path, typer.Option(help="Output folder for report.json and report.md.")] = Path("out"),
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
+    irecist: Annotated[bool, typer.Option(help="Also assess iRECIST (confirmation of progression).")] = False,
 ) -> None:
     """Analyze one follow-up CT study against the patient's priors."""
     with _user_errors(out):
-        result = run_analysis(study_dir, priors, list(prior_images or []), out, quiet)
+        result = run_analysis(
+            study_dir, priors, list(prior_images or []), out, quiet, irecist=irecist or None
+        )
         _print_report(result, out)
 
 
@@ -219,6 +243,61 @@ def demo(
             out_console.print(f"[bold red]demo report disagrees with the ground truth[/]: {agreement.reason}")
             if check:
                 raise typer.Exit(3)
+
+
+@app.command()
+def history(
+    patient: Annotated[
+        Path, typer.Argument(help="A priors Bundle (FHIR JSON) or a folder holding priors.json.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for history.png and history.svg.")] = Path("out"),
+) -> None:
+    """Print each lesion's history and the RECIST course; draw the sum of diameters over time."""
+    from adapters.charts import CoursePoint, draw_course
+    from adapters.fhir_priors import load_priors
+    from core.history import assess_history
+
+    with _user_errors(out):
+        bundle = patient / "priors.json" if patient.is_dir() else patient
+        _, tps = load_priors(bundle)
+        if not tps:
+            raise InputError(f"{bundle.name!r} holds no prior imaging report; nothing to chart")
+        course = assess_history(tps)
+        tracks: dict[str, tuple[str, str]] = {}
+        for tp in tps:
+            for f in tp.findings:
+                tracks.setdefault(f.track_id, (f.label or f.track_id[-6:], f.organ.value))
+        table = Table(title="Lesion history (RECIST diameter, mm: long axis; short axis for nodes)")
+        table.add_column("lesion")
+        table.add_column("site")
+        for a in course:
+            table.add_column(a.study_date.isoformat(), justify="right")
+        for tid, (label, organ) in sorted(tracks.items(), key=lambda kv: kv[1][0]):
+            cells = [f"{a.diameters_mm[tid]:.0f}" if tid in a.diameters_mm else "—" for a in course]
+            table.add_row(label, organ.replace("_", " "), *cells)
+        table.add_row(
+            "sum of targets",
+            "",
+            *[f"{a.target_sum_mm:.0f}" if a.target_sum_mm is not None else "NE" for a in course],
+        )
+        table.add_row(
+            "RECIST 1.1", "", *["baseline" if a.recist is None else a.recist.category.value for a in course]
+        )
+        table.add_row("iRECIST", "", *["" if a.irecist is None else a.irecist.response.value for a in course])
+        out_console.print(table)
+        for a in course[1:]:
+            assert a.recist is not None
+            out_console.print(
+                f"[bold]{a.study_date.isoformat()}[/]: " + " ".join(a.recist.trace), highlight=False
+            )
+        paths = draw_course(
+            [
+                CoursePoint(a.study_date, a.target_sum_mm, a.recist.category.value if a.recist else None)
+                for a in course
+            ],
+            out / "history",
+        )
+        out_console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
 @app.command("evaluate-tracking")

@@ -54,6 +54,7 @@ def test_analyze_writes_a_report_that_matches_the_truth(demo_patient, tmp_path):
     md = (out / "report.md").read_text()
     assert "## Impression" in md and truth["recist"]["category"] in md
     assert "Traceback" not in proc.stderr
+    assert (out / "history.png").exists() and (out / "history.svg").exists()
 
 
 def test_demo_command_exits_zero_and_agrees_with_truth(tmp_path):

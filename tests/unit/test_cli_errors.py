@@ -70,3 +70,28 @@ def test_unknown_vendor_for_synth(tmp_path):
     code, err = _run(["synth", str(tmp_path / "c"), "--patients", "1", "--vendors", "acme"])
     assert code == 2
     assert "unknown vendor" in err
+
+
+def test_history_prints_each_lesion_and_draws_the_course(small_patient, tmp_path):
+    result = runner.invoke(
+        app, ["history", str(small_patient.folder), "--out", str(tmp_path)], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "sum of targets" in result.stdout and "RECIST 1.1" in result.stdout
+    assert (tmp_path / "history.png").read_bytes().startswith(b"\x89PNG")
+    assert "<svg" in (tmp_path / "history.svg").read_text()
+
+
+def test_history_of_a_bundle_without_reports_is_a_clear_error(tmp_path):
+    p = tmp_path / "priors.json"
+    p.write_text(
+        json.dumps(
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Patient", "id": "p1"}}],
+            }
+        )
+    )
+    code, err = _run(["history", str(p), "--out", str(tmp_path)])
+    assert code == 2 and "no prior imaging report" in err
