@@ -34,14 +34,14 @@ def draw_course(
     pts = [p for p in points if p.target_sum_mm is not None]
     if not pts:
         return []
-    dates = [p.study_date for p in pts]
+    dates = mdates.date2num([p.study_date for p in pts])  # type: ignore[no-untyped-call]
     sums = [float(p.target_sum_mm or 0.0) for p in pts]
     baseline = sums[0]
     fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=110)
     ax.plot(dates, sums, marker="o", color="#1f4e79", lw=2, label="sum of target diameters")
-    for d, s, p in zip(dates, sums, pts, strict=True):
+    for d, s, pt in zip(dates, sums, pts, strict=True):
         ax.annotate(
-            f"{s:.0f} mm" + (f"\n{p.category}" if p.category else "\nbaseline"),
+            f"{s:.0f} mm" + (f"\n{pt.category}" if pt.category else "\nbaseline"),
             (d, s),
             textcoords="offset points",
             xytext=(0, 8),
@@ -56,10 +56,11 @@ def draw_course(
         label=f"PR threshold ({baseline * (1 - PR_DECREASE):.0f} mm, -30% of baseline)",
     )
     if len(pts) > 1:
-        pd_dates, pd_vals = [], []
+        pd_dates: list[float] = []
+        pd_vals: list[float] = []
         for i in range(1, len(pts)):
             nadir = min(sums[:i])
-            pd_dates.append(dates[i])
+            pd_dates.append(float(dates[i]))
             pd_vals.append(max(nadir * (1 + PD_INCREASE), nadir + PD_ABSOLUTE_MM))
         ax.step(
             pd_dates,
@@ -84,14 +85,14 @@ def draw_course(
     ax.set_ylabel("mm")
     ax.set_title(title)
     ax.set_ylim(0, max([*sums, baseline * 1.3]) * 1.25)
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))  # type: ignore[no-untyped-call]
     fig.autofmt_xdate()
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".svg")]
-    for p in paths:
-        fig.savefig(p, metadata={"Date": None} if p.suffix == ".svg" else None)
+    for path in paths:
+        fig.savefig(path, metadata={"Date": None} if path.suffix == ".svg" else None)
     plt.close(fig)
     return paths

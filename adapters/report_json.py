@@ -48,6 +48,7 @@ def _lesion(t: TrackedLesion) -> dict[str, Any]:
             "source": t.prior.source,
         },
         "match_distance_mm": _r(t.match_distance_mm),
+        "match_method": t.match_method,
         "equivocal": t.equivocal,
         "guided": t.guided,
     }

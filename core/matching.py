@@ -8,8 +8,11 @@ radiologist's, is kept), by the Hungarian method (scipy ``linear_sum_assignment`
 are resolved when their expected position lies inside the scanned range, not evaluable when it
 lies outside.
 
-Without a position for the priors (no image, no coordinates) there is nothing safe to match on:
-those tracks stay unmatched and are reported as not evaluable, never guessed.
+Priors without a position (no prior image, no coordinates, or read from report text) are matched
+in a second stage on what is left: same organ (and side, where both are known) and the closest
+size within a factor of 2, by the same optimal assignment. Such a link is reported with
+``method="site+size"``, a lower, stated confidence; a prior that finds no partner is not
+evaluable, never called resolved.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = ["MatchResult", "TrackMatch", "match_lesions"]
 GATE_MM = 25.0
 SIZE_WEIGHT_MM = 10.0  # cost of a factor e (2.7x) between diameters, in mm of distance
 ORGAN_MISMATCH_MM = 15.0  # cost of matching across organs, in mm of distance
+SITE_SIZE_MAX_RATIO = 2.0  # a site+size match needs diameters within this factor
 _BIG = 1e6
 
 
@@ -35,7 +39,8 @@ _BIG = 1e6
 class TrackMatch:
     lesion_id: int
     track_id: str
-    distance_mm: float
+    distance_mm: float | None  # None for a site+size match
+    method: str = "position"  # "position" (aligned centroids) or "site+size" (lower confidence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,31 +64,49 @@ def match_lesions(
 ) -> MatchResult:
     """``priors_in_current_frame``: one finding per track, centroids already aligned."""
     located = [p for p in priors_in_current_frame if p.centroid_lps_mm is not None]
-    unlocated = tuple(p.track_id for p in priors_in_current_frame if p.centroid_lps_mm is None)
-    if not current or not located:
-        return MatchResult(
-            (), tuple(c.lesion_id for c in current), tuple(p.track_id for p in located), unlocated
-        )
-    cost = np.full((len(current), len(located)), _BIG)
-    dist = np.zeros_like(cost)
-    for i, c in enumerate(current):
-        for j, p in enumerate(located):
-            assert p.centroid_lps_mm is not None
-            d = float(np.linalg.norm(np.subtract(c.centroid_lps_mm, p.centroid_lps_mm)))
-            dist[i, j] = d
-            if d <= gate_mm:
-                cost[i, j] = d + _size_cost(p, c) + (0.0 if c.organ == p.organ else ORGAN_MISMATCH_MM)
-    rows, cols = linear_sum_assignment(cost)
-    matches = [
-        TrackMatch(current[i].lesion_id, located[j].track_id, round(float(dist[i, j]), 2))
-        for i, j in zip(rows, cols, strict=True)
-        if cost[i, j] < _BIG
-    ]
+    unlocated = [p for p in priors_in_current_frame if p.centroid_lps_mm is None]
+    matches: list[TrackMatch] = []
+    if current and located:
+        cost = np.full((len(current), len(located)), _BIG)
+        dist = np.zeros_like(cost)
+        for i, c in enumerate(current):
+            for j, p in enumerate(located):
+                assert p.centroid_lps_mm is not None
+                d = float(np.linalg.norm(np.subtract(c.centroid_lps_mm, p.centroid_lps_mm)))
+                dist[i, j] = d
+                if d <= gate_mm:
+                    cost[i, j] = d + _size_cost(p, c) + (0.0 if c.organ == p.organ else ORGAN_MISMATCH_MM)
+        rows, cols = linear_sum_assignment(cost)
+        matches = [
+            TrackMatch(current[i].lesion_id, located[j].track_id, round(float(dist[i, j]), 2))
+            for i, j in zip(rows, cols, strict=True)
+            if cost[i, j] < _BIG
+        ]
+    taken = {m.lesion_id for m in matches}
+    rest = [c for c in current if c.lesion_id not in taken]
+    if rest and unlocated:
+        cost = np.full((len(rest), len(unlocated)), _BIG)
+        for i, c in enumerate(rest):
+            for j, p in enumerate(unlocated):
+                sides_differ = c.laterality and p.laterality and c.laterality != p.laterality
+                ratio = max(c.measurement.long_axis_mm, 1.0) / max(p.long_axis_mm, 1.0)
+                if (
+                    c.organ == p.organ
+                    and not sides_differ
+                    and 1 / SITE_SIZE_MAX_RATIO <= ratio <= SITE_SIZE_MAX_RATIO
+                ):
+                    cost[i, j] = abs(math.log(ratio))
+        rows, cols = linear_sum_assignment(cost)
+        matches += [
+            TrackMatch(rest[i].lesion_id, unlocated[j].track_id, None, "site+size")
+            for i, j in zip(rows, cols, strict=True)
+            if cost[i, j] < _BIG
+        ]
     matched_lesions = {m.lesion_id for m in matches}
     matched_tracks = {m.track_id for m in matches}
     return MatchResult(
         matches=tuple(matches),
         new_lesion_ids=tuple(c.lesion_id for c in current if c.lesion_id not in matched_lesions),
         unmatched_track_ids=tuple(p.track_id for p in located if p.track_id not in matched_tracks),
-        unlocated_track_ids=unlocated,
+        unlocated_track_ids=tuple(p.track_id for p in unlocated if p.track_id not in matched_tracks),
     )

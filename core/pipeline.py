@@ -74,6 +74,7 @@ class TrackedLesion:
     prior: PriorFinding | None
     prior_date: dt.date | None
     match_distance_mm: float | None = None
+    match_method: str | None = None  # "position", "site+size" (lower confidence) or None
     equivocal: bool = False  # a new finding too small or too uncertain to call progression
     guided: bool = False  # found only by looking again at the prior lesion's aligned position
 
@@ -284,7 +285,8 @@ def _in_current_frame(
                 missing_images.add(tp.study_uid)
                 warnings.append(
                     f"images of the prior study of {tp.study_date.isoformat()} are not available: its lesions "
-                    "could not be located and are not evaluable"
+                    "are matched by site and size only (lower confidence) and new findings in those organs "
+                    "are reported as equivocal"
                 )
             else:
                 alignments[tp.study_uid] = estimate_translation(volume, prior_volume)
@@ -366,6 +368,7 @@ def _compare(
                 prior=f,
                 prior_date=tp.study_date,
                 match_distance_mm=m.distance_mm if m else None,
+                match_method=m.method if m else ("second look" if guided else None),
                 guided=guided,
             )
         )
@@ -374,13 +377,20 @@ def _compare(
         default=0,
     )
     new_ids: list[str] = []
+    unlocated_organs = {f.organ for f in moved if f.centroid_lps_mm is None}
     for n, lesion_id in enumerate(result.new_lesion_ids):
         det = by_lesion[lesion_id]
         tid = new_track_id(acq.study_uid, lesion_id)
         meas = det.measurement
-        equivocal = not (
-            is_unequivocal_new(det.organ, meas.long_axis_mm, meas.short_axis_mm, settings.new_lesion_min_mm)
-            and det.probability >= settings.new_lesion_min_probability
+        equivocal = (
+            not (
+                is_unequivocal_new(
+                    det.organ, meas.long_axis_mm, meas.short_axis_mm, settings.new_lesion_min_mm
+                )
+                and det.probability >= settings.new_lesion_min_probability
+            )
+            # a prior of this organ had no position: "new" cannot be told from "not matched"
+            or det.organ in unlocated_organs
         )
         if not equivocal:
             new_ids.append(tid)

@@ -15,6 +15,7 @@ ALLOWED = {
     "adapters": {
         "core",
         "adapters",
+        "matplotlib",
         "pydicom",
         "highdicom",
         "fhir",

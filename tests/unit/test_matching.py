@@ -41,8 +41,27 @@ def test_same_organ_is_preferred_but_a_mislabelled_organ_still_matches():
     assert [m.track_id for m in r.matches] == ["lung"]
 
 
-def test_priors_without_position_are_never_guessed():
-    cur = [det(1, Organ.LIVER, (0, 0, 0), 20)]
-    r = match_lesions(cur, [PriorFinding("A", Organ.LIVER, 20, 14, None)])
-    assert r.unlocated_track_ids == ("A",)
-    assert r.new_lesion_ids == (1,)
+def test_priors_without_position_match_by_site_and_size_with_stated_method():
+    cur = [
+        det(1, Organ.LIVER, (0, 0, 0), 20),
+        det(2, Organ.LIVER, (50, 0, 0), 9),
+        det(3, Organ.LUNG, (0, 90, 0), 30),
+    ]
+    pri = [PriorFinding("A", Organ.LIVER, 18, 14, None), PriorFinding("B", Organ.LUNG, 12, 10, None)]
+    r = match_lesions(cur, pri)
+    assert [(m.lesion_id, m.track_id, m.method, m.distance_mm) for m in r.matches] == [
+        (1, "A", "site+size", None)
+    ]
+    # B: the only lung lesion is 2.5x its size: no partner, not evaluable rather than guessed
+    assert r.unlocated_track_ids == ("B",)
+    assert set(r.new_lesion_ids) == {2, 3}
+
+
+def test_position_matches_come_first_and_site_matching_uses_what_is_left():
+    cur = [det(1, Organ.LIVER, (0, 0, 0), 20), det(2, Organ.LIVER, (60, 0, 0), 20)]
+    pri = [prior("A", Organ.LIVER, (2, 0, 0), 20), PriorFinding("B", Organ.LIVER, 21, 15, None)]
+    r = match_lesions(cur, pri)
+    assert {(m.lesion_id, m.track_id, m.method) for m in r.matches} == {
+        (1, "A", "position"),
+        (2, "B", "site+size"),
+    }

@@ -55,7 +55,7 @@ def test_baseline_study_selects_targets(demo_patient):
     assert "Baseline study" in result.report.impression
 
 
-def test_prior_without_images_is_not_evaluable_and_says_why(demo_patient):
+def test_prior_without_images_matches_by_site_and_size_and_says_so(demo_patient):
     folder = demo_patient.folder
     follow = folder / demo_patient.time_points[-1]
     result = analyze_study(
@@ -64,8 +64,11 @@ def test_prior_without_images_is_not_evaluable_and_says_why(demo_patient):
         priors=BundlePriorStore(folder / "priors.json"),
         segmenter=TruthSegmenter(folder),
     )
-    assert any("not available" in w for w in result.warnings)
-    assert all(t.status is not CurrentStatus.ABSENT for t in result.lesions)
+    assert any("site and size only" in w for w in result.warnings)
+    linked = [t for t in result.lesions if t.detected is not None and t.prior is not None]
+    assert linked and all(t.match_method == "site+size" for t in linked)
+    assert all(t.status is not CurrentStatus.ABSENT for t in result.lesions)  # never called resolved
+    assert all(t.equivocal for t in result.lesions if t.prior is None)  # nor new without a position
 
 
 def test_registration_recovers_the_repositioning(demo_patient):
