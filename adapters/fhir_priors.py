@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from adapters import fhir_codes as C
 from core.errors import InvalidPriorsError, PatientMismatchError
+from core.text_priors import findings_from_text
 from core.types import Organ, PriorFinding, PriorTimePoint
 
 __all__ = ["load_priors", "parse_priors_bundle", "priors_to_bundle"]
@@ -260,6 +261,10 @@ def _check_required_codes(bundle: Bundle) -> None:
             )
 
 
+def when_key(value: Any) -> str:
+    return str(value)[:10]
+
+
 def _date_of(value: Any) -> dt.date:
     if isinstance(value, dt.datetime):
         return value.date()
@@ -294,6 +299,8 @@ def _time_point(rep: Any, by_ref: dict[str, Any]) -> PriorTimePoint:
             break
     if not text and rep.conclusion:
         text = str(rep.conclusion)
+    if not findings and text:  # a report with prose only: read the measurements from it
+        findings = list(findings_from_text(text, rep.id or when_key(when)))
     return PriorTimePoint(
         _date_of(when), study_uid, tuple(findings), report_text=text, report_id=rep.id or ""
     )

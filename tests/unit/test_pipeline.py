@@ -102,3 +102,27 @@ def test_irecist_option_follows_the_recist_category(demo_patient):
     assert result.irecist.response.value == "i" + result.recist.category.value
     assert f"iRECIST: {result.irecist.response.value}." in result.report.impression
     assert len(result.history) == len(demo_patient.time_points) - 1
+
+
+def test_text_only_priors_are_matched_by_site_and_size(demo_patient, tmp_path):
+    folder = demo_patient.folder
+    follow = folder / demo_patient.time_points[-1]
+    raw = json.loads((folder / "priors.json").read_text())
+    raw["entry"] = [
+        e for e in raw["entry"] if e["resource"]["resourceType"] not in ("Observation", "BodyStructure")
+    ]
+    for e in raw["entry"]:
+        e["resource"].pop("result", None)
+    prose = tmp_path / "priors.json"
+    prose.write_text(json.dumps(raw))
+    result = analyze_study(
+        str(follow / "dicom"),
+        images=FolderImageSource([folder]),
+        priors=BundlePriorStore(prose),
+        segmenter=TruthSegmenter(folder),
+    )
+    linked = [t for t in result.lesions if t.prior is not None and t.detected is not None]
+    assert len(linked) >= 4
+    assert all(t.prior.source == "text" and t.match_method == "site+size" for t in linked)
+    truth = json.loads((follow / "truth.json").read_text())
+    assert result.recist is not None and result.recist.category.value == truth["recist"]["category"]
