@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 
 from core.types import DetectedLesion, PriorFinding
 
-__all__ = ["MatchResult", "TrackMatch", "match_lesions"]
+__all__ = ["LesionEvent", "MatchResult", "TrackMatch", "find_splits_and_merges", "match_lesions"]
 
 GATE_MM = 25.0
 SIZE_WEIGHT_MM = 10.0  # cost of a factor e (2.7x) between diameters, in mm of distance
@@ -110,3 +110,63 @@ def match_lesions(
         unmatched_track_ids=tuple(p.track_id for p in located if p.track_id not in matched_tracks),
         unlocated_track_ids=tuple(p.track_id for p in unlocated if p.track_id not in matched_tracks),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LesionEvent:
+    """A split or merge between time points, reported rather than hidden.
+
+    ``split``: current lesions ``lesion_ids`` (besides the matched one) are fragments of track
+    ``track_ids[0]``; RECIST 1.1 sums the fragments' diameters. ``merge``: tracks ``track_ids[1:]``
+    have coalesced into the lesion matched to ``track_ids[0]``; RECIST 1.1 records the merged
+    lesion on one track and 0 mm on the others.
+    """
+
+    kind: str
+    track_ids: tuple[str, ...]
+    lesion_ids: tuple[int, ...]
+
+
+SPLIT_MARGIN_MM = 8.0
+MERGE_MARGIN_MM = 5.0
+
+
+def find_splits_and_merges(
+    current: Sequence[DetectedLesion], priors_in_current_frame: Sequence[PriorFinding], result: MatchResult
+) -> list[LesionEvent]:
+    """Fragments among the unmatched lesions near a matched track's prior extent (splits), and
+    unmatched prior tracks inside a matched lesion's extent (merges); same organ only."""
+    by_lesion = {c.lesion_id: c for c in current}
+    by_track = {p.track_id: p for p in priors_in_current_frame}
+    events: list[LesionEvent] = []
+    position_matches = [m for m in result.matches if m.method == "position"]
+    used: set[int] = set()
+    for m in position_matches:
+        p = by_track[m.track_id]
+        if p.centroid_lps_mm is None:
+            continue
+        reach = p.long_axis_mm / 2.0 + SPLIT_MARGIN_MM
+        fragments = tuple(
+            lid
+            for lid in result.new_lesion_ids
+            if lid not in used
+            and by_lesion[lid].organ == p.organ
+            and by_lesion[lid].measurement.long_axis_mm < p.long_axis_mm
+            and float(np.linalg.norm(np.subtract(by_lesion[lid].centroid_lps_mm, p.centroid_lps_mm))) <= reach
+        )
+        if fragments:
+            used.update(fragments)
+            events.append(LesionEvent("split", (m.track_id,), (m.lesion_id, *fragments)))
+    for m in position_matches:
+        c = by_lesion[m.lesion_id]
+        reach = c.measurement.long_axis_mm / 2.0 + MERGE_MARGIN_MM
+        merged = tuple(
+            tid
+            for tid in result.unmatched_track_ids
+            if by_track[tid].organ == c.organ
+            and by_track[tid].centroid_lps_mm is not None
+            and float(np.linalg.norm(np.subtract(by_track[tid].centroid_lps_mm, c.centroid_lps_mm))) <= reach  # type: ignore[arg-type]
+        )
+        if merged:
+            events.append(LesionEvent("merge", (m.track_id, *merged), (m.lesion_id,)))
+    return events

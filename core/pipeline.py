@@ -18,7 +18,7 @@ from core.errors import AnalysisError, IntervalError
 from core.history import TimePointAssessment, assess_history, baseline_roles
 from core.irecist import IRecistState, irecist_step
 from core.lesions import LesionFilter, extract_lesions, guided_search
-from core.matching import GATE_MM, MatchResult, match_lesions
+from core.matching import GATE_MM, MatchResult, find_splits_and_merges, match_lesions
 from core.ports import ImageSource, PriorStore, Segmenter
 from core.recist import (
     NEW_LESION_MIN_MM,
@@ -137,6 +137,7 @@ def analyze_study(
     settings = settings or AnalysisSettings()
     steps = _Steps(progress)
     warnings: list[str] = []
+    notes: list[str] = []  # splits and merges, stated in the report
     with steps.step("ingest") as d:
         volume = images.load_study(study_ref)
         acq = volume.acquisition
@@ -167,7 +168,7 @@ def analyze_study(
         history: list[TimePointAssessment] = []
         if tps:
             lesions, recist, irecist, history = _compare(
-                volume, seg, detected, tps, images, settings, alignments, warnings
+                volume, seg, detected, tps, images, settings, alignments, warnings, notes
             )
             d.append(
                 f"RECIST {recist.category.value}" + (f", iRECIST {irecist.response.value}" if irecist else "")
@@ -184,6 +185,7 @@ def analyze_study(
             recist=recist,
             prior_impression=tps[-1].report_text if tps else "",
             irecist=irecist,
+            notes=tuple(notes),
         )
         report = render_report(facts)
         d.append("deterministic wording")
@@ -317,12 +319,17 @@ def _compare(
     settings: AnalysisSettings,
     alignments: dict[str, Alignment],
     warnings: list[str],
+    notes: list[str],
 ) -> tuple[list[TrackedLesion], RecistResult, IRecistState | None, list[TimePointAssessment]]:
     acq = volume.acquisition
     assert acq is not None
     latest = _latest_findings(tps)
     moved = _in_current_frame(volume, latest, images, alignments, warnings)
     result: MatchResult = match_lesions(detected, moved, settings.gate_mm)
+    events = find_splits_and_merges(detected, moved, result)
+    fragments = {e.track_ids[0]: e.lesion_ids[1:] for e in events if e.kind == "split"}
+    merged_away = {t for e in events if e.kind == "merge" for t in e.track_ids[1:]}
+    absorbed = {lid for lids in fragments.values() for lid in lids}
     by_lesion = {d.lesion_id: d for d in detected}
     by_track_moved = {f.track_id: f for f in moved}
     match_of = {m.track_id: m for m in result.matches}
@@ -338,12 +345,21 @@ def _compare(
         det = by_lesion[m.lesion_id] if m else None
         pos = by_track_moved[track_id].centroid_lps_mm
         guided = False
-        if det is None and pos is not None and volume.contains_lps(pos) and settings.guided_search:
+        if (
+            det is None
+            and pos is not None
+            and volume.contains_lps(pos)
+            and settings.guided_search
+            and track_id not in merged_away
+        ):
             det = guided_search(volume, seg, pos, f.organ, [d.centroid_lps_mm for d in detected])
             guided = det is not None
         if det is not None:
-            obs = TrackObservation(
-                CurrentStatus.MEASURED, det.measurement.long_axis_mm, det.measurement.short_axis_mm
+            parts = [det, *(by_lesion[lid] for lid in fragments.get(track_id, ()))]
+            obs = TrackObservation(  # RECIST 1.1: the diameters of a fragmented lesion are summed
+                CurrentStatus.MEASURED,
+                sum(p.measurement.long_axis_mm for p in parts),
+                sum(p.measurement.short_axis_mm for p in parts),
             )
         else:
             status = (
@@ -378,7 +394,7 @@ def _compare(
     )
     new_ids: list[str] = []
     unlocated_organs = {f.organ for f in moved if f.centroid_lps_mm is None}
-    for n, lesion_id in enumerate(result.new_lesion_ids):
+    for n, lesion_id in enumerate(lid for lid in result.new_lesion_ids if lid not in absorbed):
         det = by_lesion[lesion_id]
         tid = new_track_id(acq.study_uid, lesion_id)
         meas = det.measurement
@@ -430,6 +446,19 @@ def _compare(
         new_all,
         labels={t.track_id: t.label for t in tracked},
     )
+    label_of = {t.track_id: t.label for t in tracked}
+    for e in events:
+        if e.kind == "split":
+            notes.append(
+                f"{label_of[e.track_ids[0]]} appears fragmented into {len(e.lesion_ids)} parts; "
+                "their diameters are summed (RECIST 1.1)."
+            )
+        else:
+            others = ", ".join(label_of[t] for t in e.track_ids[1:])
+            notes.append(
+                f"{others} appear(s) to have merged with {label_of[e.track_ids[0]]}; the merged lesion is "
+                f"measured on {label_of[e.track_ids[0]]} and {others} counts 0 mm (RECIST 1.1)."
+            )
     irecist = None
     if settings.irecist:
         sizes = {

@@ -72,6 +72,7 @@ class ReportFacts:
     recist: RecistResult | None
     prior_impression: str = ""
     irecist: IRecistState | None = None
+    notes: tuple[str, ...] = ()  # splits and merges
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +179,7 @@ def render_report(facts: ReportFacts) -> ReportText:
     order = {Organ.LUNG: 0, Organ.LYMPH_NODE: 1, Organ.LIVER: 2, Organ.ADRENAL: 3, Organ.OTHER: 4}
     ordered = sorted(facts.lesions, key=lambda f: (order[f.organ], f.label))
     lines = [_finding_sentence(f) for f in ordered] or ["No measurable lesion is identified."]
+    lines += list(facts.notes)
     findings = " ".join(lines)
     r = facts.recist
     impression_parts: list[str] = []

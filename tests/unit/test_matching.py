@@ -65,3 +65,30 @@ def test_position_matches_come_first_and_site_matching_uses_what_is_left():
         (1, "A", "position"),
         (2, "B", "site+size"),
     }
+
+
+def test_a_fragmented_lesion_is_reported_as_a_split_not_a_new_lesion():
+    from core.matching import find_splits_and_merges
+
+    cur = [
+        det(1, Organ.LIVER, (0, 0, 0), 14),
+        det(2, Organ.LIVER, (14, 0, 0), 9),
+        det(3, Organ.LIVER, (90, 0, 0), 12),
+    ]
+    pri = [prior("A", Organ.LIVER, (4, 0, 0), 30)]
+    r = match_lesions(cur, pri)
+    events = find_splits_and_merges(cur, pri, r)
+    assert [(e.kind, e.track_ids, e.lesion_ids) for e in events] == [
+        ("split", ("A",), (1, 2))
+    ]  # 3 is far: new
+
+
+def test_two_tracks_coalescing_into_one_lesion_are_reported_as_a_merge():
+    from core.matching import find_splits_and_merges
+
+    cur = [det(1, Organ.LUNG, (0, 0, 0), 30)]
+    pri = [prior("A", Organ.LUNG, (-6, 0, 0), 14), prior("B", Organ.LUNG, (8, 0, 0), 12)]
+    r = match_lesions(cur, pri)
+    events = find_splits_and_merges(cur, pri, r)
+    assert len(events) == 1 and events[0].kind == "merge"
+    assert set(events[0].track_ids) == {"A", "B"} and events[0].lesion_ids == (1,)
