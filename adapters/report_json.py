@@ -46,6 +46,8 @@ def _lesion(t: TrackedLesion) -> dict[str, Any]:
             "long_axis_mm": _r(t.prior.long_axis_mm),
             "short_axis_mm": _r(t.prior.short_axis_mm),
             "source": t.prior.source,
+            "remeasured_long_axis_mm": _r(t.prior_remeasured[0]) if t.prior_remeasured else None,
+            "remeasured_short_axis_mm": _r(t.prior_remeasured[1]) if t.prior_remeasured else None,
         },
         "match_distance_mm": _r(t.match_distance_mm),
         "match_method": t.match_method,

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     new_lesion_min_mm: float = 10.0
     new_lesion_min_probability: float = 0.8
     irecist: bool = False
+    remeasure_priors: bool = False
 
     @model_validator(mode="after")
     def _sane(self) -> Settings:
@@ -51,4 +52,5 @@ class Settings(BaseSettings):
             new_lesion_min_mm=self.new_lesion_min_mm,
             new_lesion_min_probability=self.new_lesion_min_probability,
             irecist=self.irecist,
+            remeasure_priors=self.remeasure_priors,
         )

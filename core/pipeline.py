@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from core.errors import AnalysisError, IntervalError
 from core.history import TimePointAssessment, assess_history, baseline_roles
 from core.irecist import IRecistState, irecist_step
@@ -57,6 +59,7 @@ class AnalysisSettings:
     new_lesion_min_probability: float = 0.8  # less certain new findings are equivocal, not PD
     guided_search: bool = True  # look again, at a lower threshold, where a missed prior lesion should be
     irecist: bool = False  # also assess iRECIST (progression confirmed at the next time point)
+    remeasure_priors: bool = False  # segment the prior images too and measure prior lesions the same way
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,9 @@ class TrackedLesion:
     prior_date: dt.date | None
     match_distance_mm: float | None = None
     match_method: str | None = None  # "position", "site+size" (lower confidence) or None
+    prior_remeasured: tuple[float, float] | None = (
+        None  # (long, short) mm measured by Interval on the prior image
+    )
     equivocal: bool = False  # a new finding too small or too uncertain to call progression
     guided: bool = False  # found only by looking again at the prior lesion's aligned position
 
@@ -168,7 +174,16 @@ def analyze_study(
         history: list[TimePointAssessment] = []
         if tps:
             lesions, recist, irecist, history = _compare(
-                volume, seg, detected, tps, images, settings, alignments, warnings, notes
+                volume,
+                seg,
+                detected,
+                tps,
+                images,
+                settings,
+                alignments,
+                warnings,
+                notes,
+                segmenter if settings.remeasure_priors else None,
             )
             d.append(
                 f"RECIST {recist.category.value}" + (f", iRECIST {irecist.response.value}" if irecist else "")
@@ -274,6 +289,7 @@ def _in_current_frame(
     images: ImageSource,
     alignments: dict[str, Alignment],
     warnings: list[str],
+    prior_volumes: dict[str, Volume],
 ) -> list[PriorFinding]:
     moved: list[PriorFinding] = []
     missing_images: set[str] = set()
@@ -292,6 +308,7 @@ def _in_current_frame(
                 )
             else:
                 alignments[tp.study_uid] = estimate_translation(volume, prior_volume)
+                prior_volumes[tp.study_uid] = prior_volume
         al = alignments.get(tp.study_uid)
         centroid = al.apply(f.centroid_lps_mm) if al else None
         moved.append(
@@ -310,6 +327,34 @@ def _in_current_frame(
     return moved
 
 
+def _remeasure_priors(
+    latest: dict[str, tuple[PriorFinding, PriorTimePoint]],
+    prior_volumes: dict[str, Volume],
+    segmenter: Segmenter,
+    keep: LesionFilter,
+) -> dict[str, tuple[float, float]]:
+    """Measure each prior lesion on its own prior image with the same model and geometry as the
+    current study: the lesion found within 10 mm of the reported position."""
+    out: dict[str, tuple[float, float]] = {}
+    found: dict[str, list[DetectedLesion]] = {}
+    for uid, vol in prior_volumes.items():
+        found[uid] = extract_lesions(vol, segmenter.segment(vol), keep)
+    for track_id, (f, tp) in latest.items():
+        if f.centroid_lps_mm is None or tp.study_uid not in found:
+            continue
+        best = min(
+            found[tp.study_uid],
+            key=lambda d: float(np.linalg.norm(np.subtract(d.centroid_lps_mm, f.centroid_lps_mm))),  # type: ignore[arg-type]
+            default=None,
+        )
+        if (
+            best is not None
+            and float(np.linalg.norm(np.subtract(best.centroid_lps_mm, f.centroid_lps_mm))) <= 10.0
+        ):
+            out[track_id] = (best.measurement.long_axis_mm, best.measurement.short_axis_mm)
+    return out
+
+
 def _compare(
     volume: Volume,
     seg: Segmentation,
@@ -320,11 +365,18 @@ def _compare(
     alignments: dict[str, Alignment],
     warnings: list[str],
     notes: list[str],
+    segmenter: Segmenter | None = None,
 ) -> tuple[list[TrackedLesion], RecistResult, IRecistState | None, list[TimePointAssessment]]:
     acq = volume.acquisition
     assert acq is not None
     latest = _latest_findings(tps)
-    moved = _in_current_frame(volume, latest, images, alignments, warnings)
+    prior_volumes: dict[str, Volume] = {}
+    moved = _in_current_frame(volume, latest, images, alignments, warnings, prior_volumes)
+    remeasured = (
+        _remeasure_priors(latest, prior_volumes, segmenter, settings.lesion_filter)
+        if segmenter is not None
+        else {}
+    )
     result: MatchResult = match_lesions(detected, moved, settings.gate_mm)
     events = find_splits_and_merges(detected, moved, result)
     fragments = {e.track_ids[0]: e.lesion_ids[1:] for e in events if e.kind == "split"}
@@ -370,6 +422,9 @@ def _compare(
             obs = TrackObservation(status)
         current[track_id] = obs
         cur_d = obs.diameter_mm(f.organ)
+        again = remeasured.get(track_id)
+        # the direction of change compares like with like when the prior was re-measured
+        prior_d = (again[1] if f.organ.is_nodal else again[0]) if again else f.recist_diameter_mm()
         role = roles.get(track_id) or (RecistRole.NEW if track_id not in baseline_ids else None)
         tracked.append(
             TrackedLesion(
@@ -378,13 +433,14 @@ def _compare(
                 organ=f.organ,
                 laterality=f.laterality or (det.laterality if det else None),
                 role=role,
-                change=classify_change(f.recist_diameter_mm(), cur_d, f.organ),
+                change=classify_change(prior_d, cur_d, f.organ),
                 status=obs.status,
                 detected=det,
                 prior=f,
                 prior_date=tp.study_date,
                 match_distance_mm=m.distance_mm if m else None,
                 match_method=m.method if m else ("second look" if guided else None),
+                prior_remeasured=again,
                 guided=guided,
             )
         )

@@ -88,6 +88,7 @@ def run_analysis(
     out: Path,
     quiet: bool = False,
     irecist: bool | None = None,
+    remeasure_priors: bool | None = None,
 ) -> Any:
     """Analyze one study in-process and write report.json + report.md; returns the result."""
     from adapters.image_folder import FolderImageSource
@@ -100,6 +101,8 @@ def run_analysis(
     settings = Settings()
     if irecist is not None:
         settings = settings.model_copy(update={"irecist": irecist})
+    if remeasure_priors is not None:
+        settings = settings.model_copy(update={"remeasure_priors": remeasure_priors})
     roots = prior_images or ([priors.parent] if priors is not None else [])
     images = FolderImageSource(roots)
     store = BundlePriorStore(priors) if priors is not None else NoPriors()
@@ -169,11 +172,20 @@ def analyze(
     out: Annotated[Path, typer.Option(help="Output folder for report.json and report.md.")] = Path("out"),
     quiet: Annotated[bool, typer.Option(help="No progress display.")] = False,
     irecist: Annotated[bool, typer.Option(help="Also assess iRECIST (confirmation of progression).")] = False,
+    remeasure_priors: Annotated[
+        bool, typer.Option(help="Segment the prior images too and re-measure prior lesions (slower).")
+    ] = False,
 ) -> None:
     """Analyze one follow-up CT study against the patient's priors."""
     with _user_errors(out):
         result = run_analysis(
-            study_dir, priors, list(prior_images or []), out, quiet, irecist=irecist or None
+            study_dir,
+            priors,
+            list(prior_images or []),
+            out,
+            quiet,
+            irecist=irecist or None,
+            remeasure_priors=remeasure_priors or None,
         )
         _print_report(result, out)
 

@@ -126,3 +126,22 @@ def test_text_only_priors_are_matched_by_site_and_size(demo_patient, tmp_path):
     assert all(t.prior.source == "text" and t.match_method == "site+size" for t in linked)
     truth = json.loads((follow / "truth.json").read_text())
     assert result.recist is not None and result.recist.category.value == truth["recist"]["category"]
+
+
+def test_prior_lesions_are_remeasured_on_the_prior_images_when_asked(demo_patient):
+    from core.pipeline import AnalysisSettings
+
+    folder = demo_patient.folder
+    follow = folder / demo_patient.time_points[-1]
+    result = analyze_study(
+        str(follow / "dicom"),
+        images=FolderImageSource([folder]),
+        priors=BundlePriorStore(folder / "priors.json"),
+        segmenter=TruthSegmenter(folder),
+        settings=AnalysisSettings(remeasure_priors=True),
+    )
+    again = [t for t in result.lesions if t.prior is not None and t.prior_remeasured is not None]
+    assert len(again) == sum(1 for t in result.lesions if t.prior is not None)
+    for t in again:
+        assert t.prior is not None and t.prior_remeasured is not None
+        assert abs(t.prior_remeasured[0] - t.prior.long_axis_mm) <= 3.0  # same lesion, same ruler
