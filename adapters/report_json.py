@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from core.pipeline import StudyResult, TrackedLesion
+from core.types import PriorFinding, PriorTimePoint
 
-__all__ = ["SCHEMA_VERSION", "result_to_json", "result_to_markdown"]
+__all__ = ["SCHEMA_VERSION", "result_to_json", "result_to_markdown", "result_to_time_point"]
 
 SCHEMA_VERSION = "interval.report/1"
 
@@ -158,3 +159,32 @@ def result_to_markdown(result: StudyResult) -> str:
         f"Model: `{result.model_version}`. Scanner: {a.manufacturer} {a.model_name}, kernel {a.kernel}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def result_to_time_point(result: StudyResult) -> PriorTimePoint:
+    """This study's findings as the EHR will hold them (the next study's prior)."""
+    findings = tuple(
+        PriorFinding(
+            track_id=t.track_id,
+            organ=t.organ,
+            long_axis_mm=round(t.detected.measurement.long_axis_mm, 1),
+            short_axis_mm=round(t.detected.measurement.short_axis_mm, 1),
+            centroid_lps_mm=(
+                round(t.detected.centroid_lps_mm[0], 1),
+                round(t.detected.centroid_lps_mm[1], 1),
+                round(t.detected.centroid_lps_mm[2], 1),
+            ),
+            role=t.role,
+            laterality=t.laterality,
+            label=t.label,
+        )
+        for t in result.lesions
+        if t.detected is not None
+    )
+    text = result.report
+    return PriorTimePoint(
+        study_date=result.acquisition.study_date,
+        study_uid=result.acquisition.study_uid,
+        findings=findings,
+        report_text=f"COMPARISON: {text.comparison}\nFINDINGS: {text.findings}\nIMPRESSION: {text.impression}",
+    )

@@ -101,6 +101,8 @@ class StudyResult:
     warnings: tuple[str, ...]
     volume_shape: tuple[int, int, int]
     spacing_kji_mm: tuple[float, float, float]
+    origin_lps_mm: tuple[float, float, float]
+    direction_lps: tuple[tuple[float, float, float], ...]
 
 
 def _noop(step: str, state: str, detail: str) -> None:
@@ -218,6 +220,8 @@ def analyze_study(
         step_seconds=steps.seconds,
         warnings=tuple(warnings),
         volume_shape=volume.shape,
+        origin_lps_mm=volume.origin_lps_mm,
+        direction_lps=volume.direction_lps,
         spacing_kji_mm=volume.spacing_kji_mm,
     )
 

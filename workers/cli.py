@@ -133,6 +133,7 @@ def run_analysis(
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result_to_json(result), indent=1))
     (out / "report.md").write_text(result_to_markdown(result))
+    _write_structured(result, study_dir, out)
     if result.history:
         from adapters.charts import CoursePoint, draw_course
 
@@ -148,6 +149,23 @@ def run_analysis(
             )
         draw_course(points, out / "history")
     return result
+
+
+def _write_structured(result: Any, study_dir: Path, out: Path) -> None:
+    """findings.fhir.json (mCODE TumorSize + Tumor BodyStructure, identifier = track UID) and
+    measurements.sr.dcm (TID 1500, Tracking UID = the same track UID)."""
+    from adapters.dicom_series import scan_folder
+    from adapters.dicom_sr import write_measurement_report
+    from adapters.fhir_priors import priors_to_bundle
+    from adapters.report_json import result_to_time_point
+
+    current = result_to_time_point(result)
+    bundle = priors_to_bundle(result.acquisition.patient_id, [current])
+    (out / "findings.fhir.json").write_text(json.dumps(bundle, indent=1))
+    headers = scan_folder(study_dir).series.get(result.acquisition.series_uid, [])
+    if headers:
+        order = len(result.history) + 1 if result.history else 1
+        write_measurement_report(result, [headers[0][1]], out / "measurements.sr.dcm", time_point_order=order)
 
 
 def _print_report(result: Any, out: Path) -> None:

@@ -55,6 +55,19 @@ def test_analyze_writes_a_report_that_matches_the_truth(demo_patient, tmp_path):
     assert "## Impression" in md and truth["recist"]["category"] in md
     assert "Traceback" not in proc.stderr
     assert (out / "history.png").exists() and (out / "history.svg").exists()
+    # the same track ids travel as mCODE Tumor BodyStructure identifiers and DICOM Tracking UIDs
+    from adapters.dicom_sr import sr_tracking_uid
+    from adapters.fhir_priors import parse_priors_bundle
+
+    _, tps = parse_priors_bundle(json.loads((out / "findings.fhir.json").read_text()))
+    measured = {les["track_id"] for les in report["lesions"] if les["current"] is not None}
+    assert {f.track_id for f in tps[0].findings} == measured
+    import highdicom as hd
+
+    sr = hd.sr.srread(out / "measurements.sr.dcm")
+    assert {g.tracking_uid for g in sr.content.get_planar_roi_measurement_groups()} == {
+        sr_tracking_uid(t) for t in measured
+    }
 
 
 def test_demo_command_exits_zero_and_agrees_with_truth(tmp_path):
