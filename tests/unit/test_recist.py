@@ -145,3 +145,12 @@ def test_new_lesions_under_10_mm_are_equivocal():
     assert not is_unequivocal_new(Organ.LUNG, 9.9, 9.0)
     assert not is_unequivocal_new(Organ.LYMPH_NODE, 14.0, 9.5)  # a node under 10 mm short axis is normal
     assert is_unequivocal_new(Organ.LYMPH_NODE, 14.0, 10.0)
+
+
+def test_the_nadir_stays_the_smallest_sum_after_an_increase():
+    # sums: baseline 50, then 40 (nadir), then 44 (an increase that is not PD); now 47.5 mm:
+    # +18.75% over the nadir of 40 (not over 44): SD; at 48 mm it is +20% and +8 mm: PD
+    r = assess_response(BASE, ROLES, {"a": seen(30.0), "b": seen(17.5)}, previous_sums_mm=[40.0, 44.0])
+    assert r.nadir_sum_mm == 40.0 and r.category is Response.SD
+    r = assess_response(BASE, ROLES, {"a": seen(30.0), "b": seen(18.0)}, previous_sums_mm=[40.0, 44.0])
+    assert r.category is Response.PD
