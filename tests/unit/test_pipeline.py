@@ -20,17 +20,25 @@ from fixtures.synth.demo import compare_with_truth
 from fixtures.synth.evaluation import TruthSegmenter
 
 
+def follow_up(patient, settings=None, priors=None, image_roots=None, progress=None):
+    """The demo patient's follow-up through the pipeline, ground truth as the segmenter."""
+    folder = patient.folder
+    kwargs = {"progress": progress} if progress else {}
+    return analyze_study(
+        str(folder / patient.time_points[-1] / "dicom"),
+        images=FolderImageSource([folder] if image_roots is None else image_roots),
+        priors=BundlePriorStore(priors or folder / "priors.json"),
+        segmenter=TruthSegmenter(folder),
+        settings=settings,
+        **kwargs,
+    )
+
+
 def test_follow_up_with_perfect_segmentation_matches_truth(demo_patient):
     folder = demo_patient.folder
     follow = folder / demo_patient.time_points[-1]
     steps: list[tuple[str, str]] = []
-    result = analyze_study(
-        str(follow / "dicom"),
-        images=FolderImageSource([folder]),
-        priors=BundlePriorStore(folder / "priors.json"),
-        segmenter=TruthSegmenter(folder),
-        progress=lambda s, state, d: steps.append((s, state)),
-    )
+    result = follow_up(demo_patient, progress=lambda s, state, d: steps.append((s, state)))
     agreement = compare_with_truth(result, follow / "truth.json")
     assert agreement.ok, agreement.reason
     assert result.recist is not None and result.recist.trace
@@ -56,14 +64,7 @@ def test_baseline_study_selects_targets(demo_patient):
 
 
 def test_prior_without_images_matches_by_site_and_size_and_says_so(demo_patient):
-    folder = demo_patient.folder
-    follow = folder / demo_patient.time_points[-1]
-    result = analyze_study(
-        str(follow / "dicom"),
-        images=FolderImageSource([]),
-        priors=BundlePriorStore(folder / "priors.json"),
-        segmenter=TruthSegmenter(folder),
-    )
+    result = follow_up(demo_patient, image_roots=[])
     assert any("site and size only" in w for w in result.warnings)
     linked = [t for t in result.lesions if t.detected is not None and t.prior is not None]
     assert linked and all(t.match_method == "site+size" for t in linked)
@@ -89,15 +90,7 @@ def test_registration_recovers_the_repositioning(demo_patient):
 def test_irecist_option_follows_the_recist_category(demo_patient):
     from core.pipeline import AnalysisSettings
 
-    folder = demo_patient.folder
-    follow = folder / demo_patient.time_points[-1]
-    result = analyze_study(
-        str(follow / "dicom"),
-        images=FolderImageSource([folder]),
-        priors=BundlePriorStore(folder / "priors.json"),
-        segmenter=TruthSegmenter(folder),
-        settings=AnalysisSettings(irecist=True),
-    )
+    result = follow_up(demo_patient, settings=AnalysisSettings(irecist=True))
     assert result.recist is not None and result.irecist is not None
     assert result.irecist.response.value == "i" + result.recist.category.value
     assert f"iRECIST: {result.irecist.response.value}." in result.report.impression
@@ -115,12 +108,7 @@ def test_text_only_priors_are_matched_by_site_and_size(demo_patient, tmp_path):
         e["resource"].pop("result", None)
     prose = tmp_path / "priors.json"
     prose.write_text(json.dumps(raw))
-    result = analyze_study(
-        str(follow / "dicom"),
-        images=FolderImageSource([folder]),
-        priors=BundlePriorStore(prose),
-        segmenter=TruthSegmenter(folder),
-    )
+    result = follow_up(demo_patient, priors=prose)
     linked = [t for t in result.lesions if t.prior is not None and t.detected is not None]
     assert len(linked) >= 4
     assert all(t.prior.source == "text" and t.match_method == "site+size" for t in linked)
@@ -131,15 +119,7 @@ def test_text_only_priors_are_matched_by_site_and_size(demo_patient, tmp_path):
 def test_prior_lesions_are_remeasured_on_the_prior_images_when_asked(demo_patient):
     from core.pipeline import AnalysisSettings
 
-    folder = demo_patient.folder
-    follow = folder / demo_patient.time_points[-1]
-    result = analyze_study(
-        str(follow / "dicom"),
-        images=FolderImageSource([folder]),
-        priors=BundlePriorStore(folder / "priors.json"),
-        segmenter=TruthSegmenter(folder),
-        settings=AnalysisSettings(remeasure_priors=True),
-    )
+    result = follow_up(demo_patient, settings=AnalysisSettings(remeasure_priors=True))
     again = [t for t in result.lesions if t.prior is not None and t.prior_remeasured is not None]
     assert len(again) == sum(1 for t in result.lesions if t.prior is not None)
     for t in again:
