@@ -60,6 +60,7 @@ class AnalysisSettings:
     guided_search: bool = True  # look again, at a lower threshold, where a missed prior lesion should be
     irecist: bool = False  # also assess iRECIST (progression confirmed at the next time point)
     remeasure_priors: bool = False  # segment the prior images too and measure prior lesions the same way
+    retrospective_check: bool = True  # a "new" lesion the model also finds on the prior image is not new
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,16 +177,7 @@ def analyze_study(
         history: list[TimePointAssessment] = []
         if tps:
             lesions, recist, irecist, history = _compare(
-                volume,
-                seg,
-                detected,
-                tps,
-                images,
-                settings,
-                alignments,
-                warnings,
-                notes,
-                segmenter if settings.remeasure_priors else None,
+                volume, seg, detected, tps, images, settings, alignments, warnings, notes, segmenter
             )
             d.append(
                 f"RECIST {recist.category.value}" + (f", iRECIST {irecist.response.value}" if irecist else "")
@@ -331,23 +323,34 @@ def _in_current_frame(
     return moved
 
 
+class _PriorLesions:
+    """Lesions the model finds on prior images, segmented at most once per prior study."""
+
+    def __init__(self, segmenter: Segmenter, volumes: dict[str, Volume], keep: LesionFilter) -> None:
+        self.segmenter, self.volumes, self.keep = segmenter, volumes, keep
+        self.found: dict[str, list[DetectedLesion]] = {}
+
+    def of(self, study_uid: str) -> list[DetectedLesion] | None:
+        vol = self.volumes.get(study_uid)
+        if vol is None:
+            return None
+        if study_uid not in self.found:
+            self.found[study_uid] = extract_lesions(vol, self.segmenter.segment(vol), self.keep)
+        return self.found[study_uid]
+
+
 def _remeasure_priors(
-    latest: dict[str, tuple[PriorFinding, PriorTimePoint]],
-    prior_volumes: dict[str, Volume],
-    segmenter: Segmenter,
-    keep: LesionFilter,
+    latest: dict[str, tuple[PriorFinding, PriorTimePoint]], prior_lesions: _PriorLesions
 ) -> dict[str, tuple[float, float]]:
     """Measure each prior lesion on its own prior image with the same model and geometry as the
     current study: the lesion found within 10 mm of the reported position."""
     out: dict[str, tuple[float, float]] = {}
-    found: dict[str, list[DetectedLesion]] = {}
-    for uid, vol in prior_volumes.items():
-        found[uid] = extract_lesions(vol, segmenter.segment(vol), keep)
     for track_id, (f, tp) in latest.items():
-        if f.centroid_lps_mm is None or tp.study_uid not in found:
+        found = prior_lesions.of(tp.study_uid)
+        if f.centroid_lps_mm is None or found is None:
             continue
         best = min(
-            found[tp.study_uid],
+            found,
             key=lambda d: float(np.linalg.norm(np.subtract(d.centroid_lps_mm, f.centroid_lps_mm))),  # type: ignore[arg-type]
             default=None,
         )
@@ -357,6 +360,31 @@ def _remeasure_priors(
         ):
             out[track_id] = (best.measurement.long_axis_mm, best.measurement.short_axis_mm)
     return out
+
+
+def _visible_before(
+    det: DetectedLesion,
+    prior: PriorTimePoint,
+    volume: Volume,
+    images: ImageSource,
+    alignments: dict[str, Alignment],
+    prior_volumes: dict[str, Volume],
+    prior_lesions: _PriorLesions,
+    within_mm: float = 10.0,
+) -> dt.date | None:
+    """The prior study's date when the model finds a lesion at this lesion's place on its image."""
+    if prior.study_uid not in prior_volumes:
+        vol = images.find_study(prior.study_uid) if prior.study_uid else None
+        if vol is None:
+            return None
+        prior_volumes[prior.study_uid] = vol
+        alignments.setdefault(prior.study_uid, estimate_translation(volume, vol))
+    found = prior_lesions.of(prior.study_uid)
+    t = alignments[prior.study_uid].translation_lps_mm
+    back = np.subtract(det.centroid_lps_mm, t)  # current frame -> prior frame
+    if found and any(float(np.linalg.norm(np.subtract(d.centroid_lps_mm, back))) <= within_mm for d in found):
+        return prior.study_date
+    return None
 
 
 def _compare(
@@ -376,10 +404,9 @@ def _compare(
     latest = _latest_findings(tps)
     prior_volumes: dict[str, Volume] = {}
     moved = _in_current_frame(volume, latest, images, alignments, warnings, prior_volumes)
+    prior_lesions = _PriorLesions(segmenter, prior_volumes, settings.lesion_filter) if segmenter else None
     remeasured = (
-        _remeasure_priors(latest, prior_volumes, segmenter, settings.lesion_filter)
-        if segmenter is not None
-        else {}
+        _remeasure_priors(latest, prior_lesions) if prior_lesions and settings.remeasure_priors else {}
     )
     result: MatchResult = match_lesions(detected, moved, settings.gate_mm)
     events = find_splits_and_merges(detected, moved, result)
@@ -468,6 +495,14 @@ def _compare(
             # a prior of this organ had no position: "new" cannot be told from "not matched"
             or det.organ in unlocated_organs
         )
+        if not equivocal and prior_lesions is not None and settings.retrospective_check:
+            seen_on = _visible_before(det, tps[-1], volume, images, alignments, prior_volumes, prior_lesions)
+            if seen_on is not None:
+                equivocal = True
+                notes.append(
+                    f"L{next_label + n} is visible in retrospect on the prior study of {seen_on.isoformat()}, "
+                    "though not in its report: an unreported finding, not counted as a new lesion."
+                )
         if not equivocal:
             new_ids.append(tid)
         tracked.append(

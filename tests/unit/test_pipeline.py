@@ -125,3 +125,34 @@ def test_prior_lesions_are_remeasured_on_the_prior_images_when_asked(demo_patien
     for t in again:
         assert t.prior is not None and t.prior_remeasured is not None
         assert abs(t.prior_remeasured[0] - t.prior.long_axis_mm) <= 3.0  # same lesion, same ruler
+
+
+def test_a_lesion_missing_from_the_prior_report_but_visible_on_its_image_is_not_new(demo_patient, tmp_path):
+    from core.pipeline import AnalysisSettings
+
+    raw = json.loads((demo_patient.folder / "priors.json").read_text())
+    truth = json.loads((demo_patient.folder / demo_patient.time_points[-1] / "truth.json").read_text())
+    lung = next(les for les in truth["lesions"] if les["organ"] == "lung" and les["long_axis_mm"] >= 10.0)
+    # the prior radiologist did not report this lung lesion
+    focus = next(
+        e["fullUrl"]
+        for e in raw["entry"]
+        if e["resource"]["resourceType"] == "BodyStructure"
+        and e["resource"]["identifier"][0]["value"] == f"urn:oid:{lung['track_id']}"
+    )
+    dropped = {
+        e["fullUrl"]
+        for e in raw["entry"]
+        if e["resource"]["resourceType"] == "Observation" and e["resource"]["focus"][0]["reference"] == focus
+    }
+    raw["entry"] = [e for e in raw["entry"] if e["fullUrl"] not in dropped and e["fullUrl"] != focus]
+    for e in raw["entry"]:
+        if e["resource"]["resourceType"] == "DiagnosticReport":
+            e["resource"]["result"] = [r for r in e["resource"]["result"] if r["reference"] not in dropped]
+    unreported = tmp_path / "priors.json"
+    unreported.write_text(json.dumps(raw))
+    naive = follow_up(demo_patient, priors=unreported, settings=AnalysisSettings(retrospective_check=False))
+    assert naive.recist is not None and naive.recist.category.value == "PD"  # "new" lesion
+    checked = follow_up(demo_patient, priors=unreported)
+    assert checked.recist is not None and checked.recist.category.value == truth["recist"]["category"]
+    assert any("visible in retrospect" in line for line in checked.report.findings.split(". "))
