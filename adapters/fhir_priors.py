@@ -26,7 +26,7 @@ from core.errors import InvalidPriorsError, PatientMismatchError
 from core.text_priors import findings_from_text
 from core.types import Organ, PriorFinding, PriorTimePoint
 
-__all__ = ["load_priors", "parse_priors_bundle", "priors_to_bundle"]
+__all__ = ["check_patient", "load_priors", "parse_priors_bundle", "priors_to_bundle"]
 
 _NS = uuid.UUID("6b1f8f0e-8f43-4f8e-9a55-3c1f3cf0a5d1")
 
@@ -205,11 +205,8 @@ def parse_priors_bundle(raw: Any, patient_id: str | None = None) -> tuple[str, l
         raise InvalidPriorsError(f"priors Bundle must hold exactly one Patient, found {len(patients)}")
     patient: Any = patients[0]
     pid = next((str(i.value) for i in patient.identifier or [] if i.value), patient.id or "")
-    if patient_id is not None and pid != patient_id:
-        raise PatientMismatchError(
-            "priors Bundle is about a different patient than the study (patient identifiers differ); "
-            "check that the right priors file was given"
-        )
+    if patient_id is not None:
+        check_patient(pid, patient_id)
     tps: list[PriorTimePoint] = []
     for rep in (r for r in resources if r.get_resource_type() == "DiagnosticReport"):
         if rep.status in _USABLE_STATUS:  # cancelled / entered-in-error reports are not priors
@@ -263,6 +260,15 @@ def _check_required_codes(bundle: Bundle) -> None:
 
 def when_key(value: Any) -> str:
     return str(value)[:10]
+
+
+def check_patient(bundle_patient_id: str, study_patient_id: str) -> None:
+    """Refuse priors about anyone but the study's patient (the message names no identifier)."""
+    if bundle_patient_id != study_patient_id:
+        raise PatientMismatchError(
+            "priors Bundle is about a different patient than the study (patient identifiers differ); "
+            "check that the right priors file was given"
+        )
 
 
 def _date_of(value: Any) -> dt.date:

@@ -12,11 +12,12 @@ from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.lesions import LesionFilter
-from core.matching import GATE_MM
 from core.pipeline import AnalysisSettings
 
 __all__ = ["Settings"]
 
+_LESIONS = LesionFilter()
+_ANALYSIS = AnalysisSettings()
 _DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "segmenter.pt"
 
 
@@ -26,14 +27,17 @@ class Settings(BaseSettings):
     environment: Literal["development", "test", "production"] = "development"
     segmenter_weights: Path = _DEFAULT_WEIGHTS
     database_url: str = "sqlite:///interval.db"
-    min_lesion_long_axis_mm: float = 5.0
-    min_lesion_volume_ml: float = 0.1
-    min_lesion_probability: float = 0.5
-    match_gate_mm: float = GATE_MM
-    new_lesion_min_mm: float = 10.0
-    new_lesion_min_probability: float = 0.8
-    irecist: bool = False
-    remeasure_priors: bool = False
+    # defaults are the core's own, so that the CLI and a direct caller of analyze_study agree
+    min_lesion_long_axis_mm: float = _LESIONS.min_long_axis_mm
+    min_lesion_volume_ml: float = _LESIONS.min_volume_ml
+    min_lesion_probability: float = _LESIONS.min_probability
+    match_gate_mm: float = _ANALYSIS.gate_mm
+    new_lesion_min_mm: float = _ANALYSIS.new_lesion_min_mm
+    new_lesion_min_probability: float = _ANALYSIS.new_lesion_min_probability
+    guided_search: bool = _ANALYSIS.guided_search
+    retrospective_check: bool = _ANALYSIS.retrospective_check
+    irecist: bool = _ANALYSIS.irecist
+    remeasure_priors: bool = _ANALYSIS.remeasure_priors
 
     @model_validator(mode="after")
     def _sane(self) -> Settings:
@@ -51,6 +55,8 @@ class Settings(BaseSettings):
             gate_mm=self.match_gate_mm,
             new_lesion_min_mm=self.new_lesion_min_mm,
             new_lesion_min_probability=self.new_lesion_min_probability,
+            guided_search=self.guided_search,
+            retrospective_check=self.retrospective_check,
             irecist=self.irecist,
             remeasure_priors=self.remeasure_priors,
         )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 
 from core.geometry import measure_mask
-from core.types import DetectedLesion, LabelId, Measurement, Organ, Segmentation, Volume
+from core.types import DetectedLesion, LabelId, Organ, Segmentation, Volume
 
 __all__ = ["LesionFilter", "extract_lesions", "guided_search", "laterality_of"]
 
@@ -47,6 +48,31 @@ def laterality_of(volume: Volume, kji: tuple[float, float, float]) -> str:
     return "left" if pt[0] > mid[0] else "right"  # LPS: +x is the patient's left
 
 
+def _place(
+    volume: Volume, comp: np.ndarray, start_kji: Sequence[int], organ: Organ, probability: float
+) -> DetectedLesion:
+    """Measure a component cropped at ``start_kji`` and express it in the whole volume."""
+    offset = np.asarray(start_kji, dtype=float)
+    m = measure_mask(comp, volume.spacing_kji_mm)
+    e0, e1 = m.long_axis_endpoints_kji
+    m = replace(
+        m,
+        slice_index=m.slice_index + int(start_kji[0]),
+        long_axis_endpoints_kji=(_vec(np.add(e0, offset)), _vec(np.add(e1, offset))),
+    )
+    k, j, i = (float(v) for v in np.argwhere(comp).mean(axis=0) + offset)
+    c = volume.kji_to_lps([k, j, i])
+    return DetectedLesion(
+        lesion_id=0,
+        organ=organ,
+        centroid_lps_mm=(float(c[0]), float(c[1]), float(c[2])),
+        measurement=m,
+        probability=probability,
+        voxel_count=int(comp.sum()),
+        laterality=laterality_of(volume, (k, j, i)) if organ is Organ.LUNG else None,
+    )
+
+
 def extract_lesions(
     volume: Volume, seg: Segmentation, keep: LesionFilter = LesionFilter()
 ) -> list[DetectedLesion]:
@@ -70,43 +96,11 @@ def extract_lesions(
         prob = float(seg.lesion_probability[pad][comp].mean())
         if prob < keep.min_probability:
             continue
-        m = measure_mask(comp, volume.spacing_kji_mm)
-        if m.long_axis_mm < keep.min_long_axis_mm:
-            continue
-        offset = np.array([s.start for s in pad], dtype=float)
-        centroid_kji = np.argwhere(comp).mean(axis=0) + offset
-        (e0, e1) = m.long_axis_endpoints_kji
-        m = type(m)(
-            long_axis_mm=m.long_axis_mm,
-            short_axis_mm=m.short_axis_mm,
-            volume_ml=m.volume_ml,
-            slice_index=m.slice_index + int(offset[0]),
-            long_axis_endpoints_kji=(tuple(np.add(e0, offset).tolist()), tuple(np.add(e1, offset).tolist())),
-        )
-        organ = _organ(seg.labels[pad], comp)
-        c = volume.kji_to_lps(centroid_kji)
-        out.append(
-            DetectedLesion(
-                lesion_id=0,
-                organ=organ,
-                centroid_lps_mm=(float(c[0]), float(c[1]), float(c[2])),
-                measurement=m,
-                probability=prob,
-                voxel_count=count,
-                laterality=laterality_of(
-                    volume, (float(centroid_kji[0]), float(centroid_kji[1]), float(centroid_kji[2]))
-                )
-                if organ is Organ.LUNG
-                else None,
-            )
-        )
+        found = _place(volume, comp, [sl.start for sl in pad], _organ(seg.labels[pad], comp), prob)
+        if found.measurement.long_axis_mm >= keep.min_long_axis_mm:
+            out.append(found)
     out.sort(key=lambda d: -d.measurement.long_axis_mm)
-    return [
-        DetectedLesion(
-            i + 1, d.organ, d.centroid_lps_mm, d.measurement, d.probability, d.voxel_count, d.laterality
-        )
-        for i, d in enumerate(out)
-    ]
+    return [replace(d, lesion_id=i + 1) for i, d in enumerate(out)]
 
 
 def guided_search(
@@ -151,28 +145,8 @@ def guided_search(
     if best is None:
         return None
     comp = best[1]
-    m = measure_mask(comp, volume.spacing_kji_mm)
-    if m.long_axis_mm < min_long_axis_mm:
-        return None
-    offset = np.asarray(lo, dtype=float)
-    centroid_kji = np.argwhere(comp).mean(axis=0) + offset
-    (e0, e1) = m.long_axis_endpoints_kji
-    m = Measurement(
-        long_axis_mm=m.long_axis_mm,
-        short_axis_mm=m.short_axis_mm,
-        volume_ml=m.volume_ml,
-        slice_index=m.slice_index + lo[0],
-        long_axis_endpoints_kji=(_vec(np.add(e0, offset)), _vec(np.add(e1, offset))),
-    )
-    c = volume.kji_to_lps(centroid_kji)
-    return DetectedLesion(
-        lesion_id=0,
-        organ=organ,
-        centroid_lps_mm=(float(c[0]), float(c[1]), float(c[2])),
-        measurement=m,
-        probability=float(seg.lesion_probability[box][comp].mean()),
-        voxel_count=int(comp.sum()),
-    )
+    hit = _place(volume, comp, lo, organ, float(seg.lesion_probability[box][comp].mean()))
+    return hit if hit.measurement.long_axis_mm >= min_long_axis_mm else None
 
 
 def _vec(a: np.ndarray) -> tuple[float, float, float]:

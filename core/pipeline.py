@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -307,19 +307,7 @@ def _in_current_frame(
                 prior_volumes[tp.study_uid] = prior_volume
         al = alignments.get(tp.study_uid)
         centroid = al.apply(f.centroid_lps_mm) if al else None
-        moved.append(
-            PriorFinding(
-                f.track_id,
-                f.organ,
-                f.long_axis_mm,
-                f.short_axis_mm,
-                centroid,
-                f.role,
-                f.source,
-                f.laterality,
-                f.label,
-            )
-        )
+        moved.append(replace(f, centroid_lps_mm=centroid))
     return moved
 
 
@@ -397,17 +385,15 @@ def _compare(
     alignments: dict[str, Alignment],
     warnings: list[str],
     notes: list[str],
-    segmenter: Segmenter | None = None,
+    segmenter: Segmenter,
 ) -> tuple[list[TrackedLesion], RecistResult, IRecistState | None, list[TimePointAssessment]]:
     acq = volume.acquisition
     assert acq is not None
     latest = _latest_findings(tps)
     prior_volumes: dict[str, Volume] = {}
     moved = _in_current_frame(volume, latest, images, alignments, warnings, prior_volumes)
-    prior_lesions = _PriorLesions(segmenter, prior_volumes, settings.lesion_filter) if segmenter else None
-    remeasured = (
-        _remeasure_priors(latest, prior_lesions) if prior_lesions and settings.remeasure_priors else {}
-    )
+    prior_lesions = _PriorLesions(segmenter, prior_volumes, settings.lesion_filter)
+    remeasured = _remeasure_priors(latest, prior_lesions) if settings.remeasure_priors else {}
     result: MatchResult = match_lesions(detected, moved, settings.gate_mm)
     events = find_splits_and_merges(detected, moved, result)
     fragments = {e.track_ids[0]: e.lesion_ids[1:] for e in events if e.kind == "split"}
@@ -495,7 +481,7 @@ def _compare(
             # a prior of this organ had no position: "new" cannot be told from "not matched"
             or det.organ in unlocated_organs
         )
-        if not equivocal and prior_lesions is not None and settings.retrospective_check:
+        if not equivocal and settings.retrospective_check:
             seen_on = _visible_before(det, tps[-1], volume, images, alignments, prior_volumes, prior_lesions)
             if seen_on is not None:
                 equivocal = True

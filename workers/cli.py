@@ -106,10 +106,8 @@ def run_analysis(
     roots = prior_images or ([priors.parent] if priors is not None else [])
     images = FolderImageSource(roots)
     store = BundlePriorStore(priors) if priors is not None else NoPriors()
-    if priors is not None:
-        from adapters.fhir_priors import load_priors
-
-        load_priors(priors)  # validate up front: a bad priors file fails before minutes of inference
+    if isinstance(store, BundlePriorStore):
+        store.load()  # validate up front (parsed once, reused by the pipeline): fail before inference
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),

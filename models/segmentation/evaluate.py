@@ -120,6 +120,8 @@ def main() -> None:
     for patient in sorted(p for p in args.cohort.iterdir() if (p / "patient.json").exists()):
         meta = json.loads((patient / "patient.json").read_text())
         vendor = meta["vendor"]["key"]
+        images = FolderImageSource([patient])  # one index and one parsed Bundle per patient
+        priors = BundlePriorStore(patient / "priors.json")
         for tp in meta["time_points"]:
             tp_dir = patient / tp["folder"]
             truth = json.loads((tp_dir / "truth.json").read_text())
@@ -186,8 +188,8 @@ def main() -> None:
             if tp["time_point"] > 0:
                 result = analyze_study(
                     str(tp_dir / "dicom"),
-                    images=FolderImageSource([patient]),
-                    priors=BundlePriorStore(patient / "priors.json"),
+                    images=images,
+                    priors=priors,
                     segmenter=seg,
                 )
                 agreement = compare_with_truth(result, tp_dir / "truth.json")
