@@ -8,6 +8,7 @@ LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 UCUM = "http://unitsofmeasure.org"
 DICOM_UID = "urn:dicom:uid"
+V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"  # diagnostic service section (RAD)
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 
 TUMOR_SIZE = "21889-1"  # Size Tumor

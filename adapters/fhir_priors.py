@@ -26,7 +26,14 @@ from core.errors import InvalidPriorsError, PatientMismatchError
 from core.text_priors import findings_from_text
 from core.types import Organ, PriorFinding, PriorTimePoint
 
-__all__ = ["check_patient", "load_priors", "parse_priors_bundle", "priors_to_bundle"]
+__all__ = [
+    "check_patient",
+    "load_priors",
+    "parse_priors_bundle",
+    "priors_to_bundle",
+    "tumor_size",
+    "tumor_structure",
+]
 
 _NS = uuid.UUID("6b1f8f0e-8f43-4f8e-9a55-3c1f3cf0a5d1")
 
@@ -73,60 +80,9 @@ def priors_to_bundle(patient_id: str, time_points: Iterable[PriorTimePoint]) -> 
         for f in tp.findings:
             if f.track_id not in tumors:
                 tumors[f.track_id] = _urn("BodyStructure", f.track_id)
-                code, display = C.ORGAN_SNOMED[f.organ]
-                bs: dict[str, Any] = {
-                    "resourceType": "BodyStructure",
-                    "meta": {"profile": [C.PROFILE_TUMOR]},
-                    "identifier": [{"system": C.DICOM_UID, "value": f"urn:oid:{f.track_id}"}],
-                    "location": _coding(C.SNOMED, code, display),
-                    "patient": {"reference": pat_url},
-                    "morphology": _coding(
-                        C.SNOMED, "367651003", "Malignant neoplasm of primary, secondary, or uncertain origin"
-                    ),
-                }
-                if f.label:
-                    bs["identifier"].append({"system": C.LABEL_SYSTEM, "value": f.label})
-                if f.laterality:
-                    lc, ld = C.LATERALITY_SNOMED[f.laterality]
-                    bs["locationQualifier"] = [_coding(C.SNOMED, lc, ld)]
-                entries.append({"fullUrl": tumors[f.track_id], "resource": bs})
+                entries.append({"fullUrl": tumors[f.track_id], "resource": tumor_structure(f, pat_url)})
             obs_url = _urn("Observation", tp.study_uid, f.track_id)
-            obs: dict[str, Any] = {
-                "resourceType": "Observation",
-                "meta": {"profile": [C.PROFILE_TUMOR_SIZE]},
-                "status": "final",
-                "category": [_coding(C.OBS_CATEGORY, "imaging", "Imaging")],
-                "code": _coding(C.LOINC, C.TUMOR_SIZE, "Size Tumor"),
-                "subject": {"reference": pat_url},
-                "effectiveDateTime": date,
-                "focus": [{"reference": tumors[f.track_id]}],
-                "derivedFrom": [{"reference": is_url}],
-                "component": [
-                    {
-                        "code": _coding(C.LOINC, C.LONGEST_DIM, "Size.maximum dimension in Tumor"),
-                        "valueQuantity": _mm(f.long_axis_mm),
-                    },
-                    {
-                        "code": _coding(C.LOINC, C.OTHER_DIM, "Size additional dimension in Tumor"),
-                        "valueQuantity": _mm(f.short_axis_mm),
-                    },
-                ],
-            }
-            ext: list[dict[str, Any]] = []
-            if f.centroid_lps_mm is not None:
-                ext.append(
-                    {
-                        "url": C.EXT_CENTROID,
-                        "extension": [
-                            {"url": axis, "valueDecimal": round(v, 1)}
-                            for axis, v in zip("xyz", f.centroid_lps_mm, strict=True)
-                        ],
-                    }
-                )
-            if f.role is not None:
-                ext.append({"url": C.EXT_ROLE, "valueCode": f.role.value})
-            if ext:
-                obs["extension"] = ext
+            obs = tumor_size(f, pat_url, date, tumors[f.track_id], is_url)
             entries.append({"fullUrl": obs_url, "resource": obs})
             obs_urls.append(obs_url)
         report: dict[str, Any] = {
@@ -148,6 +104,70 @@ def priors_to_bundle(patient_id: str, time_points: Iterable[PriorTimePoint]) -> 
             ]
         entries.append({"fullUrl": _urn("DiagnosticReport", tp.study_uid), "resource": report})
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+
+def tumor_structure(f: PriorFinding, patient_ref: str) -> dict[str, Any]:
+    """mCODE Tumor BodyStructure of a lesion track; its DICOM UID identifier is the track UID."""
+    code, display = C.ORGAN_SNOMED[f.organ]
+    bs: dict[str, Any] = {
+        "resourceType": "BodyStructure",
+        "meta": {"profile": [C.PROFILE_TUMOR]},
+        "identifier": [{"system": C.DICOM_UID, "value": f"urn:oid:{f.track_id}"}],
+        "location": _coding(C.SNOMED, code, display),
+        "patient": {"reference": patient_ref},
+        "morphology": _coding(
+            C.SNOMED, "367651003", "Malignant neoplasm of primary, secondary, or uncertain origin"
+        ),
+    }
+    if f.label:
+        bs["identifier"].append({"system": C.LABEL_SYSTEM, "value": f.label})
+    if f.laterality:
+        lc, ld = C.LATERALITY_SNOMED[f.laterality]
+        bs["locationQualifier"] = [_coding(C.SNOMED, lc, ld)]
+    return bs
+
+
+def tumor_size(
+    f: PriorFinding, patient_ref: str, date: str, focus_ref: str, study_ref: str
+) -> dict[str, Any]:
+    """mCODE TumorSize Observation (LOINC 21889-1; longest and other dimension in mm)."""
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "meta": {"profile": [C.PROFILE_TUMOR_SIZE]},
+        "status": "final",
+        "category": [_coding(C.OBS_CATEGORY, "imaging", "Imaging")],
+        "code": _coding(C.LOINC, C.TUMOR_SIZE, "Size Tumor"),
+        "subject": {"reference": patient_ref},
+        "effectiveDateTime": date,
+        "focus": [{"reference": focus_ref}],
+        "derivedFrom": [{"reference": study_ref}],
+        "component": [
+            {
+                "code": _coding(C.LOINC, C.LONGEST_DIM, "Size.maximum dimension in Tumor"),
+                "valueQuantity": _mm(f.long_axis_mm),
+            },
+            {
+                "code": _coding(C.LOINC, C.OTHER_DIM, "Size additional dimension in Tumor"),
+                "valueQuantity": _mm(f.short_axis_mm),
+            },
+        ],
+    }
+    ext: list[dict[str, Any]] = []
+    if f.centroid_lps_mm is not None:
+        ext.append(
+            {
+                "url": C.EXT_CENTROID,
+                "extension": [
+                    {"url": axis, "valueDecimal": round(v, 1)}
+                    for axis, v in zip("xyz", f.centroid_lps_mm, strict=True)
+                ],
+            }
+        )
+    if f.role is not None:
+        ext.append({"url": C.EXT_ROLE, "valueCode": f.role.value})
+    if ext:
+        obs["extension"] = ext
+    return obs
 
 
 def _mm(v: float) -> dict[str, Any]:

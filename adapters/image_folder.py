@@ -8,6 +8,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from adapters.dicom_series import load_study
+from core.errors import NoSeriesFoundError
 from core.types import Volume
 
 __all__ = ["FolderImageSource"]
@@ -24,7 +25,23 @@ class FolderImageSource:
         self._index: dict[str, Path] | None = None
 
     def load_study(self, ref: str) -> Volume:
-        return load_study(Path(ref))
+        """``ref`` is a folder, or the StudyInstanceUID of a study under ``search_roots``."""
+        if Path(ref).is_dir() or not self.search_roots:
+            return load_study(Path(ref))
+        folder = self.folder_of(ref, refresh=True)
+        if folder is None:
+            raise NoSeriesFoundError(
+                f"study {ref} is not in the configured image folders ({len(self.search_roots)} searched)",
+                study_uid=ref,
+            )
+        return load_study(folder)
+
+    def folder_of(self, study_uid: str, refresh: bool = False) -> Path | None:
+        """The folder holding ``study_uid``; with ``refresh`` the index is rebuilt when it is not in it
+        (a study that arrived since the last scan)."""
+        if self._index is None or (refresh and study_uid not in self._index):
+            self._index = self._build_index()
+        return self._index.get(study_uid)
 
     def _build_index(self) -> dict[str, Path]:
         index: dict[str, Path] = {}
@@ -45,7 +62,5 @@ class FolderImageSource:
         return index
 
     def find_study(self, study_uid: str) -> Volume | None:
-        if self._index is None:
-            self._index = self._build_index()
-        folder = self._index.get(study_uid)
+        folder = self.folder_of(study_uid)
         return load_study(folder) if folder is not None else None

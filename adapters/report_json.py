@@ -181,10 +181,9 @@ def result_to_time_point(result: StudyResult) -> PriorTimePoint:
         for t in result.lesions
         if t.detected is not None
     )
-    text = result.report
     return PriorTimePoint(
         study_date=result.acquisition.study_date,
         study_uid=result.acquisition.study_uid,
         findings=findings,
-        report_text=f"COMPARISON: {text.comparison}\nFINDINGS: {text.findings}\nIMPRESSION: {text.impression}",
+        report_text=result.report.as_text(),
     )

@@ -10,6 +10,8 @@
     │   ├── InvalidPriorsError      a FHIR resource or Bundle that does not validate
     │   └── PatientMismatchError    priors that belong to another patient than the study
     ├── ExternalServiceError        EHR, PACS or broker unreachable (retryable)
+    ├── ExternalRequestError        EHR or PACS refused a request (4xx: not retryable as is)
+    ├── ConcurrentEditError         someone else changed the resource first (ETag / If-Match)
     ├── ModelError                  weights missing, unreadable or of the wrong shape
     └── AnalysisError               a pipeline step failed on valid input (a bug or a limit)
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 __all__ = [
     "AnalysisError",
+    "ConcurrentEditError",
+    "ExternalRequestError",
     "ExternalServiceError",
     "InputError",
     "IntervalError",
@@ -74,6 +78,14 @@ class PatientMismatchError(InputError):
 
 class ExternalServiceError(IntervalError):
     reason = "external_service"
+
+
+class ExternalRequestError(IntervalError):
+    reason = "external_request_rejected"
+
+
+class ConcurrentEditError(IntervalError):
+    reason = "version_conflict"
 
 
 class ModelError(IntervalError):

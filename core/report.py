@@ -87,6 +87,24 @@ class ReportText:
             f"## Impression\n\n{self.impression}\n"
         )
 
+    def as_text(self) -> str:
+        """Plain text with one heading per section (the FHIR presentedForm and the prior report text)."""
+        return f"COMPARISON: {self.comparison}\nFINDINGS: {self.findings}\nIMPRESSION: {self.impression}"
+
+    @classmethod
+    def from_text(cls, text: str) -> ReportText:
+        """Inverse of ``as_text``; lines after a heading belong to that section."""
+        parts = {"COMPARISON": "", "FINDINGS": "", "IMPRESSION": ""}
+        current: str | None = None
+        for line in text.splitlines():
+            head, sep, rest = line.partition(":")
+            if sep and head.strip().upper() in parts:
+                current = head.strip().upper()
+                parts[current] = rest.strip()
+            elif current is not None:
+                parts[current] = f"{parts[current]}\n{line}".strip()
+        return cls(parts["COMPARISON"], parts["FINDINGS"], parts["IMPRESSION"])
+
 
 def classify_change(prior_mm: float | None, current_mm: float | None, organ: Organ) -> Change:
     """Direction of change of one lesion between two time points (RECIST diameter).
