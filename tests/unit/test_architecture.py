@@ -27,6 +27,9 @@ ALLOWED = {
         "scipy",
         "redis",
         "nibabel",
+        "jwt",
+        "cryptography",
+        "psycopg",
     },
     "models": {"core", "adapters", "models", "torch", "monai", "transformers", "peft", "numpy", "scipy"},
     "service": {
@@ -39,8 +42,11 @@ ALLOWED = {
         "httpx",
         "jinja2",
         "numpy",
+        "fhir",
+        "jwt",
     },
-    "fixtures": {"core", "adapters", "fixtures", "numpy", "scipy", "pydicom"},
+    # fixtures also start the real services the integration tests talk to
+    "fixtures": {"core", "adapters", "fixtures", "numpy", "scipy", "pydicom", "httpx", "psycopg", "sqlalchemy"},
 }
 
 # Scripts that measure a model on the synthetic cohort read its ground truth format.
