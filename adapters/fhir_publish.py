@@ -318,30 +318,34 @@ async def sign_report(
     if text is not None:
         report["conclusion"] = text.impression
         report["presentedForm"] = [_text_attachment(text.as_text(), when)]
+    old_version = report.get("meta", {}).get("versionId")
     updated, new_etag = await ehr.update(report, if_match or etag)
-    version = updated.get("meta", {}).get("versionId")
-    target = f"{report_ref}/_history/{version}" if version else report_ref
     activity = (
         _cc("http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "LA", "legal authenticator")
         if status == "final"
         else _cc(_DATA_OP, "UPDATE", "revise")
     )
-    await ehr.create(
-        {
-            "resourceType": "Provenance",
-            "target": [{"reference": target}],
-            "recorded": when.isoformat(),
-            "activity": activity,
-            "agent": [
-                {
-                    "type": _cc(_PARTICIPANT, "author", "Author"),
-                    "who": {"reference": practitioner_ref, "display": practitioner_display},
-                },
-                {
-                    "type": _cc(_PARTICIPANT, "legal", "Legal Authenticator"),
-                    "who": {"reference": practitioner_ref, "display": practitioner_display},
-                },
-            ],
-        }
-    )
+    provenance: dict[str, Any] = {
+        "resourceType": "Provenance",
+        # unversioned, so that ``Provenance?target=DiagnosticReport/x`` finds it on every server; the version
+        # it revises is the entity
+        "target": [{"reference": report_ref}],
+        "recorded": when.isoformat(),
+        "activity": activity,
+        "agent": [
+            {
+                "type": _cc(_PARTICIPANT, "author", "Author"),
+                "who": {"reference": practitioner_ref, "display": practitioner_display},
+            },
+            {
+                "type": _cc(_PARTICIPANT, "legal", "Legal Authenticator"),
+                "who": {"reference": practitioner_ref, "display": practitioner_display},
+            },
+        ],
+    }
+    if old_version:
+        provenance["entity"] = [
+            {"role": "revision", "what": {"reference": f"{report_ref}/_history/{old_version}"}}
+        ]
+    await ehr.create(provenance)
     return updated, new_etag
