@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml constraints.txt tools/fhir-standin/package-lock.json
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	npm ci --no-audit --no-fund --loglevel=error --prefix tools/fhir-standin
+	bash scripts/install-services
 	touch $(STAMP)
 
 demo: setup

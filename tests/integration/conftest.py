@@ -1,4 +1,5 @@
-"""Real services for integration tests: the FHIR stand-in (tools/fhir-standin) and a throwaway PostgreSQL.
+"""Real services for integration tests: the FHIR stand-in (tools/fhir-standin), a throwaway PostgreSQL, and (for
+the PACS and queue tests) ``orthanc`` and ``redis``.
 
 ``fhir_server`` and ``postgres_db`` are shared by the whole session; a test that injects failures or counts requests
 calls ``fhir_server.reset()`` first. ``smart_fhir_server`` is a separate stand-in per test that requires SMART
@@ -15,7 +16,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fixtures.services import FhirStandin, Postgres, fhir_standin, postgres
+from fixtures.services import (
+    FhirStandin,
+    OrthancServer,
+    Postgres,
+    RedisServer,
+    fhir_standin,
+    orthanc_server,
+    postgres,
+    redis_server,
+)
 
 
 @dataclass(frozen=True)
@@ -60,4 +70,18 @@ def smart_fhir_server(smart_client: SmartClient) -> Iterator[FhirStandin]:
     with fhir_standin(
         smart_public_key=smart_client.public_key_path, smart_client_id=smart_client.client_id
     ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def orthanc() -> Iterator[OrthancServer]:
+    """Orthanc + DICOMweb in its own loopback-only network namespace; a test that stops it starts it again."""
+    with orthanc_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis() -> Iterator[RedisServer]:
+    """A throwaway redis-server with AOF; use ``redis.db_url(n)`` for a database of your own."""
+    with redis_server() as server:
         yield server
