@@ -366,6 +366,47 @@ def evaluate_tracking_cmd(
             out.write_text(json.dumps(result, indent=1))
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Run the FHIR API (analysis Tasks, reports) with the model loaded once; settings from INTERVAL_*."""
+    with _user_errors():
+        import uvicorn
+
+        from workers.serve import app_from_env
+
+        uvicorn.run(app_from_env(), host=host, port=port, log_level="info")
+
+
+@app.command()
+def token(
+    client: Annotated[str, typer.Argument(help="Client id the token is issued to (its 'sub').")],
+    scope: Annotated[
+        str, typer.Option(help="Space-separated SMART scopes.")
+    ] = "system/Task.cr system/Task.s system/DiagnosticReport.rs",
+    hours: Annotated[float, typer.Option(help="Lifetime.")] = 24.0,
+) -> None:
+    """Issue an API bearer token signed with INTERVAL_API_TOKEN_SECRET (for an EHR integration)."""
+    with _user_errors():
+        from adapters.settings import Settings
+        from service.auth import mint_token
+
+        settings = Settings()
+        out_console.print(
+            mint_token(
+                settings.api_token_secret,
+                client,
+                scope,
+                ttl_s=int(hours * 3600),
+                issuer=settings.api_token_issuer,
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -46,7 +46,17 @@ ALLOWED = {
         "jwt",
     },
     # fixtures also start the real services the integration tests talk to
-    "fixtures": {"core", "adapters", "fixtures", "numpy", "scipy", "pydicom", "httpx", "psycopg", "sqlalchemy"},
+    "fixtures": {
+        "core",
+        "adapters",
+        "fixtures",
+        "numpy",
+        "scipy",
+        "pydicom",
+        "httpx",
+        "psycopg",
+        "sqlalchemy",
+    },
 }
 
 # Scripts that measure a model on the synthetic cohort read its ground truth format.

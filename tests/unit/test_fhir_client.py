@@ -23,7 +23,9 @@ FAST = RetryPolicy(attempts=3, backoff_s=0.001, max_backoff_s=0.01)
 BASE = "http://ehr.test/fhir"
 
 
-def run(handler: Callable[[httpx.Request], httpx.Response], coro: Callable[[FhirClient], Any], **kw: Any) -> Any:
+def run(
+    handler: Callable[[httpx.Request], httpx.Response], coro: Callable[[FhirClient], Any], **kw: Any
+) -> Any:
     async def go() -> Any:
         async with FhirClient(BASE, retry=FAST, transport=httpx.MockTransport(handler), **kw) as ehr:
             return await coro(ehr), ehr.round_trips
@@ -32,7 +34,10 @@ def run(handler: Callable[[httpx.Request], httpx.Response], coro: Callable[[Fhir
 
 
 def outcome(code: str, text: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+    }
 
 
 def test_retries_5xx_then_succeeds() -> None:

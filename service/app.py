@@ -1,0 +1,443 @@
+"""Interval's FHIR-facing API (FastAPI): what EHR systems call.
+
+Run it with ``uvicorn service.app:create_app --factory``. Routes live under ``/fhir`` and speak
+``application/fhir+json`` (``application/json`` is accepted too); every error is an
+``OperationOutcome`` with the status that fits (``service.outcome``). Routes only parse input, call
+the store or the runner, and map results: the work happens in ``adapters.resource_store`` and ``service.jobs``.
+
+Interactions (``service.capability.SERVED``): Task create/read/vread/search (create is idempotent per
+StudyInstanceUID + model version); DiagnosticReport read/vread/search/update (If-Match required);
+Observation, BodyStructure and Provenance read/vread/search. ``GET /fhir/metadata`` needs no token;
+everything else needs a bearer JWT with the SMART system scope of the interaction (``service.auth``).
+"""
+
+import datetime as dt
+import email.utils
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from enum import Enum
+from importlib import metadata
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
+
+from adapters.fhir_search import COMMON_PARAMS, SEARCH_PARAMS, Query, parse_query
+from adapters.fhir_validation import (
+    InvalidResourceError,
+    check_json_safe,
+    is_fhir_id,
+    require_code,
+    validate_resource,
+)
+from adapters.resource_store import ResourceNotFoundError, ResourceStore, format_instant
+from adapters.settings import Settings
+from core.errors import IntervalError
+from service.auth import Client, TokenVerifier, require
+from service.capability import SERVED, Served, capability_statement
+from service.jobs import (
+    TASK_KEY_SYSTEM,
+    AnalysisRequest,
+    Analyzer,
+    InProcessRunner,
+    TaskRunner,
+    UnconfiguredAnalyzer,
+    check_new_task,
+    job_key,
+    mark_failed,
+    resume_pending,
+)
+from service.openapi_docs import (
+    body_doc,
+    bundle_schema,
+    report_schema,
+    resource_schema,
+    responses,
+    search_parameters,
+    task_schema,
+)
+from service.outcome import (
+    FHIR_JSON,
+    FHIRResponse,
+    PreconditionRequiredError,
+    UnsupportedMediaTypeError,
+    operation_outcome,
+    outcome_for,
+)
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("interval.service")
+
+_ETAG_PATTERN = r'^(W/)?"[0-9]{1,9}"$'
+_JSON_MEDIA = ("application/fhir+json", "application/json", "application/json+fhir")
+REPORT_STATUSES = frozenset(
+    {
+        "registered",
+        "partial",
+        "preliminary",
+        "final",
+        "amended",
+        "corrected",
+        "appended",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    }
+)
+
+
+def _software_version() -> str:
+    try:
+        return metadata.version("interval")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(
+    settings: Settings | None = None,
+    store: ResourceStore | None = None,
+    runner: TaskRunner | None = None,
+    analyzer: Analyzer | None = None,
+) -> FastAPI:
+    """The FHIR API. Without ``store`` it opens ``settings.database_url``; without ``runner`` it runs
+    ``analyzer`` in-process (and, with no analyzer either, records every Task as failed, saying why)."""
+    settings = settings if settings is not None else Settings()
+    store = store if store is not None else ResourceStore(settings.database_url)
+    owns_runner = runner is None
+    task_runner: TaskRunner = (
+        runner if runner is not None else InProcessRunner(store, analyzer or UnconfiguredAnalyzer())
+    )
+    base = settings.public_base_url.rstrip("/")
+    started = format_instant(dt.datetime.now(dt.UTC).replace(tzinfo=None))
+    capability = capability_statement(settings, _software_version(), started)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if owns_runner:
+            resumed = await run_in_threadpool(resume_pending, store, task_runner)
+            if resumed:
+                log.info("resumed %d pending analyses", resumed)
+        yield
+        if owns_runner and isinstance(task_runner, InProcessRunner):
+            task_runner.shutdown(wait=False)
+
+    app = FastAPI(
+        title="Interval FHIR API",
+        version=_software_version(),
+        description=__doc__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        default_response_class=FHIRResponse,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.runner = task_runner
+    app.state.token_verifier = TokenVerifier.from_settings(settings)
+    _install_error_handlers(app)
+
+    @app.get(
+        "/fhir/metadata",
+        summary="CapabilityStatement of this server (no token needed)",
+        tags=["conformance"],
+        response_model=None,
+        responses=responses({200: resource_schema("CapabilityStatement")}),
+    )
+    def read_metadata() -> FHIRResponse:
+        return FHIRResponse(capability)
+
+    @app.post(
+        "/fhir/Task",
+        status_code=201,
+        summary="Order an analysis (idempotent per StudyInstanceUID and model version)",
+        tags=["Task"],
+        response_model=None,
+        responses=responses(
+            {201: resource_schema("Task"), 200: resource_schema("Task")}, 400, 401, 403, 415, versioned=True
+        ),
+        openapi_extra=body_doc(
+            task_schema(),
+            "A Task with code analyze, focus = the ImagingStudy (identifier urn:dicom:uid), for = the Patient.",
+        ),
+    )
+    def create_task(
+        _client: Annotated[Client, Depends(require("Task", "c"))],
+        body: Annotated[dict[str, Any], Depends(_fhir_body)],
+    ) -> FHIRResponse:
+        validate_resource(body, "Task")
+        request = check_new_task(body)
+        key = job_key(request.study_uid, task_runner.model_version)
+        stored, outcome = store.enqueue_task(key, _new_task(body, key))
+        if outcome != "existing":
+            try:
+                task_runner.submit(replace(AnalysisRequest.from_fhir(stored), task_id=stored["id"]))
+            except IntervalError as exc:
+                log.warning("Task/%s could not be queued: %s", stored["id"], exc.reason)
+                stored = mark_failed(store, stored["id"], str(exc))
+        return _resource_response(stored, base, 201 if outcome == "created" else 200, location=True)
+
+    for served in SERVED:
+        _add_read_routes(app, store, base, served)
+
+    @app.put(
+        "/fhir/DiagnosticReport/{id}",
+        summary="Update a report; If-Match must name the version read",
+        tags=["DiagnosticReport"],
+        response_model=None,
+        responses=responses(
+            {200: resource_schema("DiagnosticReport")}, 400, 401, 403, 404, 412, 415, 428, versioned=True
+        ),
+        openapi_extra=body_doc(report_schema(), "The DiagnosticReport as read, with the changes applied."),
+    )
+    def update_report(
+        id: str,
+        _client: Annotated[Client, Depends(require("DiagnosticReport", "u"))],
+        body: Annotated[dict[str, Any], Depends(_fhir_body)],
+        if_match: Annotated[
+            str | None,
+            Header(
+                alias="If-Match",
+                pattern=_ETAG_PATTERN,
+                description='W/"versionId" of the version the change was made to (its ETag)',
+            ),
+        ] = None,
+    ) -> FHIRResponse:
+        if if_match is None:
+            raise PreconditionRequiredError(
+                'If-Match is required: send W/"versionId" of the version you read (its ETag)'
+            )
+        existing = store.read("DiagnosticReport", id)
+        if existing is None:
+            raise ResourceNotFoundError(_not_found("DiagnosticReport", id))
+        validate_resource(body, "DiagnosticReport")
+        if body.get("id") != id:
+            raise InvalidResourceError("DiagnosticReport.id", "must equal the id in the URL")
+        require_code(body.get("status"), "DiagnosticReport.status", REPORT_STATUSES)
+        if body.get("subject") != existing.get("subject"):
+            raise InvalidResourceError(
+                "DiagnosticReport.subject", "cannot be changed by an update (a report stays with its patient)"
+            )
+        stored = store.update(body, if_match=if_match)
+        return _resource_response(stored, base, 200)
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _add_read_routes(app: FastAPI, store: ResourceStore, base: str, served: Served) -> None:
+    rtype = served.type
+    tags: list[str | Enum] = [rtype]
+    params = (*SEARCH_PARAMS.get(rtype, ()), *COMMON_PARAMS)
+
+    def read(id: str, _client: Annotated[Client, Depends(require(rtype, "r"))]) -> FHIRResponse:
+        resource = store.read(rtype, id)
+        if resource is None:
+            raise ResourceNotFoundError(_not_found(rtype, id))
+        return _resource_response(resource, base, 200)
+
+    def vread(id: str, vid: str, _client: Annotated[Client, Depends(require(rtype, "r"))]) -> FHIRResponse:
+        resource = (
+            store.read(rtype, id, int(vid)) if vid.isascii() and vid.isdigit() and len(vid) <= 9 else None
+        )
+        if resource is None:
+            raise ResourceNotFoundError(f"{_not_found(rtype, id)} (at that version)")
+        return _resource_response(resource, base, 200)
+
+    def search(request: Request, _client: Annotated[Client, Depends(require(rtype, "s"))]) -> FHIRResponse:
+        items = request.query_params.multi_items()
+        query = parse_query(rtype, items)
+        found, total = store.run_query(query)
+        return FHIRResponse(_searchset(rtype, base, items, query, found, total))
+
+    read.__name__, vread.__name__, search.__name__ = f"read_{rtype}", f"vread_{rtype}", f"search_{rtype}"
+    ok = resource_schema(rtype)
+    app.add_api_route(
+        f"/fhir/{rtype}/{{id}}",
+        read,
+        methods=["GET"],
+        summary=f"Read a {rtype}",
+        tags=tags,
+        response_model=None,
+        responses=responses({200: ok}, 401, 403, 404, versioned=True),
+    )
+    app.add_api_route(
+        f"/fhir/{rtype}/{{id}}/_history/{{vid}}",
+        vread,
+        methods=["GET"],
+        summary=f"Read one version of a {rtype}",
+        tags=tags,
+        response_model=None,
+        responses=responses({200: ok}, 401, 403, 404, versioned=True),
+    )
+    app.add_api_route(
+        f"/fhir/{rtype}",
+        search,
+        methods=["GET"],
+        summary=f"Search {rtype} (strict: unknown parameters are refused with 400)",
+        tags=tags,
+        response_model=None,
+        responses=responses({200: bundle_schema(rtype)}, 400, 401, 403),
+        openapi_extra={"parameters": search_parameters(params)},
+    )
+
+
+async def _fhir_body(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object; 415 for another media type, 400 for anything but JSON."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in _JSON_MEDIA:
+        raise UnsupportedMediaTypeError(f"send the resource as {FHIR_JSON} (or application/json)")
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidResourceError("(body)", "not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidResourceError("(body)", "expected a JSON object holding a FHIR resource")
+    rtype = data.get("resourceType")
+    check_json_safe(
+        data, rtype if isinstance(rtype, str) and is_fhir_id(rtype) and rtype[:1].isupper() else "(body)"
+    )
+    return data
+
+
+def _new_task(body: dict[str, Any], key: str) -> dict[str, Any]:
+    """The Task as stored: the client's, with the server's id, timestamps and idempotency key."""
+    now = format_instant(dt.datetime.now(dt.UTC).replace(tzinfo=None))
+    task = {k: v for k, v in body.items() if k != "id"}
+    task.setdefault("authoredOn", now)
+    task["lastModified"] = now
+    identifiers = [
+        i
+        for i in task.get("identifier") or []
+        if not (isinstance(i, dict) and i.get("system") == TASK_KEY_SYSTEM)
+    ]
+    task["identifier"] = [*identifiers, {"system": TASK_KEY_SYSTEM, "value": key}]
+    return task
+
+
+def _not_found(rtype: str, rid: str) -> str:
+    return f"{rtype}/{rid} is not known" if is_fhir_id(rid) else f"no {rtype} has that id"
+
+
+def _version_headers(resource: dict[str, Any]) -> dict[str, str]:
+    meta = resource.get("meta") or {}
+    headers = {"ETag": f'W/"{meta.get("versionId")}"'}
+    try:
+        updated = dt.datetime.fromisoformat(str(meta.get("lastUpdated")).replace("Z", "+00:00"))
+        headers["Last-Modified"] = email.utils.format_datetime(updated.astimezone(dt.UTC), usegmt=True)
+    except ValueError:
+        pass  # a resource written without lastUpdated has no Last-Modified to give
+    return headers
+
+
+def _resource_response(
+    resource: dict[str, Any], base: str, status: int, *, location: bool = False
+) -> FHIRResponse:
+    headers = _version_headers(resource)
+    if location:
+        version = (resource.get("meta") or {}).get("versionId")
+        headers["Location"] = f"{base}/fhir/{resource['resourceType']}/{resource['id']}/_history/{version}"
+    return FHIRResponse(resource, status_code=status, headers=headers)
+
+
+def _searchset(
+    rtype: str,
+    base: str,
+    items: list[tuple[str, str]],
+    query: Query,
+    found: list[dict[str, Any]],
+    total: int,
+) -> dict[str, Any]:
+    criteria = [(k, v) for k, v in items if k not in ("_sort", "_count", "_offset")]
+
+    def link(relation: str, offset: int) -> dict[str, str]:
+        paging = [(k, v) for k, v in replace(query, offset=offset).result_params()]
+        return {"relation": relation, "url": f"{base}/fhir/{rtype}?{urlencode([*criteria, *paging])}"}
+
+    links = [link("self", query.offset)]
+    if query.count and query.offset + query.count < total:
+        links.append(link("next", query.offset + query.count))
+    if query.count and query.offset > 0:
+        links.append(link("previous", max(0, query.offset - query.count)))
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": total,
+        "link": links,
+        "entry": [
+            {"fullUrl": f"{base}/fhir/{rtype}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+            for r in found
+        ],
+    }
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def answer(exc: BaseException, extra_headers: dict[str, str] | None = None) -> FHIRResponse:
+        status, outcome, headers = outcome_for(exc)
+        return FHIRResponse(outcome, status_code=status, headers={**headers, **(extra_headers or {})})
+
+    @app.exception_handler(IntervalError)
+    async def interval_error(_: Request, exc: IntervalError) -> FHIRResponse:
+        return answer(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> FHIRResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "(request)"
+        outcome = operation_outcome(400, f"{where}: {first.get('msg', 'invalid')}")
+        return FHIRResponse(outcome, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> FHIRResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        detail = {404: "no such route: FHIR interactions live under /fhir", 405: "method not allowed here"}
+        outcome = operation_outcome(exc.status_code, detail.get(exc.status_code, str(exc.detail)))
+        return FHIRResponse(outcome, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> FHIRResponse:
+        return answer(exc)
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(request.scope)
+            if match != Match.NONE:
+                methods |= route.methods
+    return sorted(methods)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without its 422 responses: validation errors here are FHIR 400s."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "header" and parameter.get("name", "").lower() == "if-match":
+                    parameter["required"] = True  # missing: 428, as RFC 6585 has it
+                    parameter["schema"] = {"type": "string", "pattern": _ETAG_PATTERN}
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    if "schemas" in schema.get("components", {}) and not components:
+        schema["components"].pop("schemas")
+    app.openapi_schema = schema
+    return schema

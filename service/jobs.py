@@ -1,0 +1,410 @@
+"""The contract between the FHIR API and the analysis: a Task in, a transaction Bundle out.
+
+An EHR posts a ``Task`` (code ``analyze``, focus = the ImagingStudy, for = the Patient). The API turns
+it into an ``AnalysisRequest`` and hands it to a ``TaskRunner``. The runner moves the Task through
+``requested -> in-progress -> completed | failed``: it calls the ``Analyzer``, which returns a FHIR
+transaction Bundle (``urn:uuid:`` fullUrls) holding exactly one DiagnosticReport plus its Observations,
+BodyStructures, Provenance and Device; the runner stores that Bundle and completes the Task with an
+``output`` naming the DiagnosticReport, in the same database transaction.
+
+Failures are recorded on the Task, never lost: an ``IntervalError`` (whose message is written to be
+shown to users and holds no PHI) becomes ``Task.statusReason.text``; anything else becomes
+``internal error, reference <uuid>``, with the traceback logged under that reference. A failed Task is
+retried by posting the same Task again (the API re-queues it).
+
+``InProcessRunner`` runs analyses on a thread pool in the API process (the embedded default); a
+Celery runner with the same protocol serves production.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from adapters.fhir_codes import DICOM_UID, PATIENT_ID_SYSTEM
+from adapters.fhir_search import parse_reference
+from adapters.fhir_validation import InvalidResourceError, require_code
+from adapters.resource_store import ResourceNotFoundError, ResourceStore, VersionConflict, format_instant
+from core.errors import AnalysisError, IntervalError, ModelError, PatientMismatchError
+
+__all__ = [
+    "TASK_CODE_ANALYZE",
+    "TASK_CODE_SYSTEM",
+    "TASK_KEY_SYSTEM",
+    "AnalysisRequest",
+    "Analyzer",
+    "InProcessRunner",
+    "TaskRunner",
+    "UnconfiguredAnalyzer",
+    "check_new_task",
+    "job_key",
+    "mark_failed",
+    "resume_pending",
+    "transition",
+]
+
+log = logging.getLogger("interval.service.jobs")
+
+TASK_CODE_SYSTEM = "http://interval.local/fhir/CodeSystem/task-code"
+TASK_CODE_ANALYZE = "analyze"
+TASK_KEY_SYSTEM = "http://interval.local/fhir/analysis-key"  # Task.identifier: the idempotency key
+DICOM_STUDY_UID_CODE = "110180"  # DCM "Study Instance UID"
+_UID = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+")
+_TASK_STATUSES = frozenset(
+    {
+        "draft",
+        "requested",
+        "received",
+        "accepted",
+        "rejected",
+        "ready",
+        "cancelled",
+        "in-progress",
+        "on-hold",
+        "failed",
+        "completed",
+        "entered-in-error",
+    }
+)
+
+
+@dataclass(frozen=True)
+class AnalysisRequest:
+    """What the analysis needs to know about one trigger; identifiers only, no clinical content."""
+
+    task_id: str
+    study_uid: str  # DICOM StudyInstanceUID, without the urn:oid: prefix
+    patient_id: str  # the patient's identifier value (system PATIENT_ID_SYSTEM) or the Patient's id
+    patient_ref: str | None  # Task.for.reference when given ("Patient/123")
+
+    @classmethod
+    def from_fhir(cls, task: dict[str, Any]) -> AnalysisRequest:
+        """Read the study and patient from a Task; ``InvalidResourceError`` names what is missing.
+
+        The StudyInstanceUID comes from ``Task.focus.identifier`` (system ``urn:dicom:uid``, value
+        ``urn:oid:<uid>``) or else from a ``Task.input`` (valueOid, a urn:dicom:uid valueIdentifier,
+        or a valueString typed DCM 110180 / "StudyInstanceUID"). The patient is ``Task.for``: an
+        identifier with system ``PATIENT_ID_SYSTEM`` and/or a reference to a Patient.
+        """
+        task_id = task.get("id") if isinstance(task.get("id"), str) else ""
+        return cls(str(task_id), _study_uid(task), *_patient(task))
+
+
+class Analyzer(Protocol):
+    """Runs one analysis; returns a FHIR transaction Bundle with exactly one DiagnosticReport."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    def __call__(self, request: AnalysisRequest) -> dict[str, Any]: ...
+
+
+class UnconfiguredAnalyzer:
+    """Stands in when the API starts without an analyzer: each Task fails with a message saying so."""
+
+    model_version = "unconfigured"
+
+    def __call__(self, request: AnalysisRequest) -> dict[str, Any]:
+        raise ModelError(
+            f"Task/{request.task_id} cannot be analysed: this API process has no analyzer configured; "
+            "start it with create_app(analyzer=...) or with a runner that queues to the analysis workers"
+        )
+
+
+class TaskRunner(Protocol):
+    """Where analyses run. ``model_version`` is part of each trigger's idempotency key."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    def submit(self, request: AnalysisRequest) -> None:
+        """Queue the analysis; raise ``IntervalError`` (e.g. ``ExternalServiceError``) if it cannot be."""
+        ...
+
+
+def job_key(study_uid: str, model_version: str) -> str:
+    """The idempotency key of a trigger: the same study analysed by the same model is one job."""
+    return f"{study_uid}:{model_version}"
+
+
+def check_new_task(task: dict[str, Any]) -> AnalysisRequest:
+    """The request a newly posted Task asks for, after checking it is an Interval analysis order."""
+    require_code(task.get("status"), "Task.status", {"requested"})
+    require_code(task.get("intent"), "Task.intent", {"order"})
+    codings = task.get("code", {}).get("coding", []) if isinstance(task.get("code"), dict) else []
+    if not any(
+        isinstance(c, dict) and c.get("system") == TASK_CODE_SYSTEM and c.get("code") == TASK_CODE_ANALYZE
+        for c in codings
+    ):
+        raise InvalidResourceError(
+            "Task.code.coding", f"must contain system {TASK_CODE_SYSTEM} code {TASK_CODE_ANALYZE}"
+        )
+    return AnalysisRequest.from_fhir(task)
+
+
+def _study_uid(task: dict[str, Any]) -> str:
+    focus = task.get("focus")
+    if not isinstance(focus, dict):
+        raise InvalidResourceError("Task.focus", "required: the ImagingStudy to analyse")
+    if focus.get("type") not in (None, "ImagingStudy"):
+        raise InvalidResourceError("Task.focus.type", "must be ImagingStudy")
+    if "reference" in focus:
+        target = parse_reference(focus.get("reference"))
+        if target is None or target[0] != "ImagingStudy":
+            raise InvalidResourceError(
+                "Task.focus.reference", "must reference an ImagingStudy (ImagingStudy/id)"
+            )
+    candidates: list[tuple[str, Any]] = []
+    ident = focus.get("identifier")
+    if isinstance(ident, dict) and ident.get("system") == DICOM_UID:
+        candidates.append(("Task.focus.identifier.value", ident.get("value")))
+    for i, item in enumerate(task.get("input") or []):
+        if not isinstance(item, dict):
+            continue
+        where = f"Task.input[{i}]"
+        if "valueOid" in item:
+            candidates.append((f"{where}.valueOid", item["valueOid"]))
+        value_ident = item.get("valueIdentifier")
+        if isinstance(value_ident, dict) and value_ident.get("system") == DICOM_UID:
+            candidates.append((f"{where}.valueIdentifier.value", value_ident.get("value")))
+        if "valueString" in item and _is_study_uid_type(item.get("type")):
+            candidates.append((f"{where}.valueString", item["valueString"]))
+    if not candidates:
+        raise InvalidResourceError(
+            "Task.focus.identifier",
+            f"the StudyInstanceUID is needed: identifier system {DICOM_UID}, value urn:oid:<uid> "
+            "(or a Task.input valueOid)",
+        )
+    element, value = candidates[0]
+    uid = value.removeprefix("urn:oid:") if isinstance(value, str) else ""
+    if len(uid) > 64 or not _UID.fullmatch(uid):
+        raise InvalidResourceError(element, "not a DICOM UID (digits and dots, at most 64 characters)")
+    return uid
+
+
+def _is_study_uid_type(concept: Any) -> bool:
+    if not isinstance(concept, dict):
+        return False
+    if concept.get("text") == "StudyInstanceUID":
+        return True
+    codings = concept.get("coding")
+    return isinstance(codings, list) and any(
+        isinstance(c, dict) and c.get("code") == DICOM_STUDY_UID_CODE for c in codings
+    )
+
+
+def _patient(task: dict[str, Any]) -> tuple[str, str | None]:
+    for_ = task.get("for")
+    if not isinstance(for_, dict):
+        raise InvalidResourceError("Task.for", "required: the Patient whose study this is")
+    if for_.get("type") not in (None, "Patient"):
+        raise InvalidResourceError("Task.for.type", "must be Patient")
+    reference = for_.get("reference")
+    ref_id: str | None = None
+    if reference is not None:
+        target = parse_reference(reference)
+        if target is None or target[0] != "Patient":
+            raise InvalidResourceError("Task.for.reference", "must reference a Patient (Patient/id)")
+        ref_id = target[1]
+    ident = for_.get("identifier")
+    if (
+        isinstance(ident, dict)
+        and ident.get("system") == PATIENT_ID_SYSTEM
+        and isinstance(ident.get("value"), str)
+    ):
+        return ident["value"], reference
+    if ref_id is not None:
+        return ref_id, reference
+    raise InvalidResourceError(
+        "Task.for", f"give reference Patient/id or an identifier with system {PATIENT_ID_SYSTEM}"
+    )
+
+
+class InProcessRunner:
+    """Runs analyses on a thread pool inside the API process (the embedded default)."""
+
+    def __init__(self, store: ResourceStore, analyzer: Analyzer, max_workers: int = 1) -> None:
+        self._store = store
+        self._analyzer = analyzer
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers, thread_name_prefix="interval-analysis"
+        )
+        self._futures: set[concurrent.futures.Future[None]] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def model_version(self) -> str:
+        return self._analyzer.model_version
+
+    def submit(self, request: AnalysisRequest) -> None:
+        future = self._pool.submit(self.run, request)
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for every submitted analysis; True when none is left running."""
+        with self._lock:
+            pending = set(self._futures)
+        _, not_done = concurrent.futures.wait(pending, timeout)
+        return not not_done
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+    def _forget(self, future: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def run(self, request: AnalysisRequest) -> None:
+        """One analysis, start to recorded end (synchronously; ``submit`` calls this on the pool)."""
+        try:
+            transition(self._store, request.task_id, _start)
+            bundle = self._analyzer(request)
+            self._complete(request, bundle)
+        except IntervalError as exc:
+            log.info("analysis of Task/%s failed: %s", request.task_id, exc.reason)
+            self._fail(request.task_id, str(exc))
+        except Exception:
+            reference = uuid.uuid4()
+            log.exception(
+                "analysis of Task/%s failed, internal error reference %s", request.task_id, reference
+            )
+            self._fail(request.task_id, f"internal error, reference {reference}")
+
+    def _complete(self, request: AnalysisRequest, bundle: dict[str, Any]) -> None:
+        report_url = _check_result(request, bundle)
+        for attempt in range(3):
+            task = _read_task(self._store, request.task_id)
+            done = dict(task)
+            now = format_instant_now()
+            done["status"] = "completed"
+            done["lastModified"] = now
+            done["executionPeriod"] = {**(task.get("executionPeriod") or {}), "end": now}
+            done["output"] = [
+                {"type": {"text": "DiagnosticReport"}, "valueReference": {"reference": report_url}}
+            ]
+            done.pop("statusReason", None)
+            entry = {
+                "resource": done,
+                "request": {
+                    "method": "PUT",
+                    "url": f"Task/{request.task_id}",
+                    "ifMatch": f'W/"{task["meta"]["versionId"]}"',
+                },
+            }
+            try:
+                self._store.apply_transaction({**bundle, "entry": [*bundle["entry"], entry]})
+                return
+            except VersionConflict:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _fail(self, task_id: str, message: str) -> None:
+        try:
+            mark_failed(self._store, task_id, message)
+        except Exception:
+            log.exception("could not record the failure of Task/%s", task_id)
+
+
+def mark_failed(store: ResourceStore, task_id: str, message: str) -> dict[str, Any]:
+    """Record that a Task's analysis failed; ``message`` is shown to users (no PHI)."""
+
+    def fail(task: dict[str, Any]) -> None:
+        task["status"] = "failed"
+        task["statusReason"] = {"text": message}
+        task["lastModified"] = format_instant_now()
+        task.pop("output", None)
+
+    return transition(store, task_id, fail)
+
+
+def transition(
+    store: ResourceStore, task_id: str, change: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """Apply ``change`` to the current Task and store it, re-reading when another writer came first."""
+    for attempt in range(5):
+        task = _read_task(store, task_id)
+        change(task)
+        try:
+            return store.update(task, if_match=f'W/"{task["meta"]["versionId"]}"')
+        except VersionConflict:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read_task(store: ResourceStore, task_id: str) -> dict[str, Any]:
+    task = store.read("Task", task_id)
+    if task is None:
+        raise ResourceNotFoundError(f"Task/{task_id} disappeared while it was being analysed")
+    return task
+
+
+def _start(task: dict[str, Any]) -> None:
+    now = format_instant_now()
+    task["status"] = "in-progress"
+    task["lastModified"] = now
+    task["executionPeriod"] = {"start": now}
+
+
+def format_instant_now() -> str:
+    return format_instant(dt.datetime.now(dt.UTC).replace(tzinfo=None))
+
+
+def _check_result(request: AnalysisRequest, bundle: Any) -> str:
+    """The fullUrl of the one DiagnosticReport in the analyzer's Bundle; refuse anything else."""
+    if (
+        not isinstance(bundle, dict)
+        or bundle.get("resourceType") != "Bundle"
+        or bundle.get("type") != "transaction"
+    ):
+        raise AnalysisError(f"the analyzer returned no transaction Bundle for Task/{request.task_id}")
+    entries = bundle.get("entry")
+    reports = [
+        e
+        for e in (entries if isinstance(entries, list) else [])
+        if isinstance(e, dict)
+        and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") == "DiagnosticReport"
+    ]
+    if len(reports) != 1:
+        raise AnalysisError(
+            f"the analyzer returned {len(reports)} DiagnosticReports for Task/{request.task_id}; exactly one is expected"
+        )
+    full_url = reports[0].get("fullUrl")
+    if not isinstance(full_url, str) or not full_url:
+        raise AnalysisError("the analyzer's DiagnosticReport entry has no fullUrl")
+    subject = reports[0]["resource"].get("subject")
+    reference = subject.get("reference") if isinstance(subject, dict) else None
+    named = parse_reference(reference)
+    if request.patient_ref and named is not None and named != parse_reference(request.patient_ref):
+        raise PatientMismatchError(
+            f"the report for study {request.study_uid} names another patient than Task/{request.task_id}",
+            study_uid=request.study_uid,
+        )
+    return full_url
+
+
+def resume_pending(store: ResourceStore, runner: TaskRunner) -> int:
+    """Resubmit Tasks left ``requested`` or ``in-progress`` (an in-process runner that restarted)."""
+    resumed = 0
+    tasks, total = store.search("Task", {"status": "requested,in-progress", "_count": "500"})
+    for task in tasks:
+        try:
+            request = AnalysisRequest.from_fhir(task)
+        except InvalidResourceError:
+            continue
+        runner.submit(replace(request, task_id=str(task["id"])))
+        resumed += 1
+    if total > len(tasks):
+        log.warning("%d pending Tasks were not resumed (more than one page)", total - len(tasks))
+    return resumed
