@@ -23,6 +23,7 @@ from typing import Annotated, Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -55,6 +56,13 @@ def _user_errors(log_dir: Path | None = None) -> Iterator[None]:
         raise typer.Exit(code) from None
     except (typer.Exit, typer.Abort, KeyboardInterrupt):
         raise
+    except ValidationError as e:  # settings from INTERVAL_* that do not validate
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+        err_console.print(
+            f"[bold red]configuration error[/]: {where}: {first.get('msg', 'invalid')}", highlight=False
+        )
+        raise typer.Exit(78) from None
     except Exception as e:  # noqa: BLE001 - the last line of defence: log, never show a traceback
         log = (log_dir or Path.cwd()) / "interval-error.log"
         try:

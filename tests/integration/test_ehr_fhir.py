@@ -19,7 +19,7 @@ import pytest
 from adapters.ehr_priors import EhrPriorStore, PatientNotInEhrError, fetch_snapshot
 from adapters.fhir_client import FhirClient, RetryPolicy, SmartBackendAuth
 from adapters.fhir_priors import load_priors, priors_to_bundle
-from core.errors import ExternalRequestError, ExternalServiceError
+from core.errors import ExternalRequestError, ExternalServiceError, InvalidPriorsError
 from core.types import PriorTimePoint
 from fixtures.ehr import post_bundle, seed, seed_patient
 from fixtures.services import FhirStandin, free_port
@@ -145,3 +145,30 @@ def test_smart_backend_services_token_is_obtained_cached_and_used(
     # without a token the EHR refuses: the auth is real
     with pytest.raises(ExternalRequestError, match="HTTP 401"):
         EhrPriorStore(smart_fhir_server.base_url, retry=FAST).prior_time_points("x", before=FAR_FUTURE)
+
+
+def test_text_only_prior_is_read_from_its_text_and_an_invalid_resource_is_refused(
+    fhir_server: FhirStandin,
+) -> None:
+    """The stand-in stores what it is given (no validation): Interval validates what it reads."""
+    fhir_server.control.wipe()
+    text = "FINDINGS: Liver segment 7 lesion measures 23 x 17 mm. IMPRESSION: Hepatic metastasis."
+    prior = PriorTimePoint(dt.date(2025, 3, 1), "1.2.3.4", (), report_text=text)
+    pid = "TEXT-1"
+
+    async def seed_one(bundle: dict[str, Any]) -> None:
+        async with FhirClient(fhir_server.base_url, retry=FAST) as ehr:
+            await post_bundle(ehr, bundle, pid)
+
+    asyncio.run(seed_one(priors_to_bundle(pid, [prior])))
+    (tp,) = EhrPriorStore(fhir_server.base_url, retry=FAST).prior_time_points(pid, before=FAR_FUTURE)
+    assert [(f.source, f.long_axis_mm) for f in tp.findings] == [("text", 23.0)]
+
+    bad = priors_to_bundle("BAD-1", [dataclasses.replace(prior, study_uid="1.2.3.5")])
+    for entry in bad["entry"]:
+        if entry["resource"]["resourceType"] == "DiagnosticReport":
+            entry["resource"]["status"] = "signed-off"  # not a code of the required value set
+    pid = "BAD-1"
+    asyncio.run(seed_one(bad))
+    with pytest.raises(InvalidPriorsError, match=r"DiagnosticReport.status is not a code"):
+        EhrPriorStore(fhir_server.base_url, retry=FAST).prior_time_points(pid, before=FAR_FUTURE)

@@ -95,3 +95,20 @@ def test_history_of_a_bundle_without_reports_is_a_clear_error(tmp_path):
     )
     code, err = _run(["history", str(p), "--out", str(tmp_path)])
     assert code == 2 and "no prior imaging report" in err
+
+
+def test_bad_settings_are_a_configuration_error(monkeypatch):
+    monkeypatch.setenv("INTERVAL_EHR_RETRY_ATTEMPTS", "0")
+    code, err = _run(["token", "ehr-1"])
+    assert code == 78
+    assert "configuration error" in err and "INTERVAL_EHR_RETRY_ATTEMPTS" in err
+
+
+def test_token_is_accepted_by_the_api(monkeypatch):
+    from adapters.settings import Settings
+    from service.auth import TokenVerifier
+
+    result = runner.invoke(app, ["token", "ehr-1", "--scope", "system/Task.cr"], catch_exceptions=False)
+    assert result.exit_code == 0
+    client = TokenVerifier.from_settings(Settings()).verify(result.stdout.strip())
+    assert client.client_id == "ehr-1" and client.allows("Task", "c") and not client.allows("Task", "u")
