@@ -20,6 +20,7 @@ __all__ = [
     "ReportFacts",
     "ReportText",
     "classify_change",
+    "finding_sentence",
     "lesion_site",
     "prior_report_text",
     "render_report",
@@ -150,7 +151,7 @@ def _date(d: dt.date) -> str:
     return d.isoformat()
 
 
-def _finding_sentence(f: LesionFact) -> str:
+def finding_sentence(f: LesionFact) -> str:
     site = lesion_site(f.organ, f.laterality)
     kind = "" if f.organ.is_nodal else " lesion"
     name = f"{site.capitalize()}{kind} {f.label}".strip()
@@ -196,7 +197,7 @@ def render_report(facts: ReportFacts) -> ReportText:
         comparison = "None available."
     order = {Organ.LUNG: 0, Organ.LYMPH_NODE: 1, Organ.LIVER: 2, Organ.ADRENAL: 3, Organ.OTHER: 4}
     ordered = sorted(facts.lesions, key=lambda f: (order[f.organ], f.label))
-    lines = [_finding_sentence(f) for f in ordered] or ["No measurable lesion is identified."]
+    lines = [finding_sentence(f) for f in ordered] or ["No measurable lesion is identified."]
     lines += list(facts.notes)
     findings = " ".join(lines)
     r = facts.recist
