@@ -104,6 +104,8 @@ class StudyResult:
     spacing_kji_mm: tuple[float, float, float]
     origin_lps_mm: tuple[float, float, float]
     direction_lps: tuple[tuple[float, float, float], ...]
+    # the label map and lesion probability this result was measured on (evidence images); not compared
+    segmentation: Segmentation | None = field(default=None, repr=False, compare=False)
 
 
 def _noop(step: str, state: str, detail: str) -> None:
@@ -215,6 +217,7 @@ def analyze_study(
         origin_lps_mm=volume.origin_lps_mm,
         direction_lps=volume.direction_lps,
         spacing_kji_mm=volume.spacing_kji_mm,
+        segmentation=seg,
     )
 
 

@@ -17,8 +17,10 @@ import asyncio
 import datetime as dt
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters.artifacts import save_artifacts
 from adapters.ehr_priors import EhrPriorStore
 from adapters.fhir_client import FhirClient, RetryPolicy, SmartBackendAuth
 from adapters.fhir_publish import publish_report, report_bundle
@@ -55,7 +57,9 @@ class PipelineAnalyzer:
         segmenter: Segmenter,
         ehr: EhrConnection | None,
         settings: AnalysisSettings | None = None,
+        artifacts_dir: Path | None = None,
     ) -> None:
+        self.artifacts_dir = artifacts_dir
         self.images = images
         self.segmenter = segmenter
         self.ehr = ehr
@@ -86,6 +90,8 @@ class PipelineAnalyzer:
                 "the image source returned a different study than the Task names", study_uid=request.study_uid
             )
         self.last_result = result
+        if self.artifacts_dir is not None:
+            save_artifacts(result, self.artifacts_dir)
         issued = dt.datetime.now(dt.UTC).replace(microsecond=0)
         if isinstance(store, EhrPriorStore) and store.snapshot is not None and self.ehr is not None:
             snap = store.snapshot

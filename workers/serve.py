@@ -53,6 +53,7 @@ def build_analyzer(settings: Settings, segmenter: Segmenter | None = None) -> Pi
         segmenter=segmenter,
         ehr=ehr_connection(settings),
         settings=settings.analysis(),
+        artifacts_dir=settings.artifacts_dir,
     )
 
 

@@ -19,6 +19,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from adapters import fhir_codes as C
+from adapters.artifacts import load_artifacts
 from adapters.fhir_client import FhirClient, RetryPolicy
 from adapters.fhir_publish import AIAST, publish_report, report_bundle, sign_report
 from adapters.image_folder import FolderImageSource
@@ -64,7 +65,7 @@ def _validate(resource: dict[str, Any]) -> None:
 
 
 def test_analysis_publishes_and_the_next_follow_up_links_the_same_tracks(
-    fhir_server: FhirStandin, patient: PatientTruth
+    fhir_server: FhirStandin, patient: PatientTruth, tmp_path: Path
 ) -> None:
     fhir_server.control.wipe()
     patient_ref = seed(fhir_server.base_url, patient.folder, time_points=1)
@@ -72,6 +73,7 @@ def test_analysis_publishes_and_the_next_follow_up_links_the_same_tracks(
         images=FolderImageSource([patient.folder]),
         segmenter=TruthSegmenter(patient.folder),
         ehr=EhrConnection(fhir_server.base_url, retry=FAST),
+        artifacts_dir=tmp_path / "artifacts",
     )
     baseline_tracks = {
         b["identifier"][0]["value"]: b["id"]
@@ -85,6 +87,9 @@ def test_analysis_publishes_and_the_next_follow_up_links_the_same_tracks(
     assert result1 is not None and result1.recist is not None
     truth1 = json.loads((patient.folder / patient.time_points[1] / "truth.json").read_text())
     assert result1.recist.category.value == truth1["recist"]["category"]
+    saved, seg = load_artifacts(tmp_path / "artifacts", _study_uid(patient, 1))
+    assert saved["recist"]["category"] == truth1["recist"]["category"]
+    assert seg is not None and seg["labels"].shape == result1.volume_shape
 
     reports = _search(fhir_server, "DiagnosticReport", subject=patient_ref, status="preliminary")
     assert len(reports) == 1
