@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import PlainTextResponse
 from starlette.routing import Match, Route
 
 from adapters.fhir_search import COMMON_PARAMS, SEARCH_PARAMS, Query, parse_query
@@ -40,6 +41,7 @@ from adapters.fhir_validation import (
 )
 from adapters.resource_store import ResourceNotFoundError, ResourceStore, format_instant
 from adapters.settings import Settings
+from adapters.telemetry import StoreCollector, metrics_text, redis_queue_depths
 from core.errors import IntervalError
 from service.auth import Client, TokenVerifier, require
 from service.capability import SERVED, Served, capability_statement
@@ -145,6 +147,30 @@ def create_app(
     app.state.runner = task_runner
     app.state.token_verifier = TokenVerifier.from_settings(settings)
     _install_error_handlers(app)
+
+    task_statuses = ("requested", "in-progress", "completed", "failed")
+
+    def task_counts() -> dict[str, int]:
+        return {
+            status: store.search("Task", {"status": status, "_count": "0"})[1] for status in task_statuses
+        }
+
+    broker = getattr(settings, "broker_url", None)
+    collector = StoreCollector(
+        task_counts,
+        redis_queue_depths(broker, ("imaging", "default")) if broker and not owns_runner else None,
+    )
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (analyses by outcome and reason, step durations, Tasks, queue depth)",
+        tags=["operations"],
+        include_in_schema=False,
+    )
+    def read_metrics() -> PlainTextResponse:
+        return PlainTextResponse(
+            metrics_text(collector), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @app.get(
         "/fhir/metadata",

@@ -25,7 +25,8 @@ from adapters.ehr_priors import EhrPriorStore
 from adapters.fhir_client import FhirClient, RetryPolicy, SmartBackendAuth
 from adapters.fhir_publish import publish_report, report_bundle
 from adapters.prior_bundle import NoPriors
-from core.errors import InputError
+from adapters.telemetry import ANALYSES, log_context, observe_steps, timed
+from core.errors import InputError, IntervalError
 from core.pipeline import AnalysisSettings, StudyResult, analyze_study
 from core.ports import ImageSource, Segmenter
 
@@ -71,6 +72,20 @@ class PipelineAnalyzer:
         return self.segmenter.model_version
 
     def __call__(self, request: AnalysisRequest) -> dict[str, Any]:
+        with log_context(task_id=request.task_id, study_uid=request.study_uid):
+            try:
+                bundle = self._analyze(request)
+            except IntervalError as e:
+                ANALYSES.labels("failed", e.reason).inc()
+                log.warning("analysis failed (%s)", e.reason)
+                raise
+            except Exception:
+                ANALYSES.labels("failed", "internal_error").inc()
+                raise
+            ANALYSES.labels("completed", "").inc()
+            return bundle
+
+    def _analyze(self, request: AnalysisRequest) -> dict[str, Any]:
         store: EhrPriorStore | NoPriors
         if self.ehr is not None:
             store = EhrPriorStore(
@@ -90,13 +105,15 @@ class PipelineAnalyzer:
                 "the image source returned a different study than the Task names", study_uid=request.study_uid
             )
         self.last_result = result
+        observe_steps(result.step_seconds)
         if self.artifacts_dir is not None:
             save_artifacts(result, self.artifacts_dir)
         issued = dt.datetime.now(dt.UTC).replace(microsecond=0)
         if isinstance(store, EhrPriorStore) and store.snapshot is not None and self.ehr is not None:
             snap = store.snapshot
             to_ehr = report_bundle(result, patient_ref=snap.patient_ref, tracks=snap.tracks, issued=issued)
-            published = asyncio.run(self._publish(to_ehr))
+            with timed("publish"):
+                published = asyncio.run(self._publish(to_ehr))
             patient_ref = snap.patient_ref
             log.info(
                 "task %s: published %d resources to the EHR (%d round trips for priors)",

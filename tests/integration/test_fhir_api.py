@@ -212,3 +212,28 @@ def test_schemathesis_finds_no_server_error(api: Api, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     print(run.stdout[-1500:])
     assert "No issues found" in run.stdout or " passed" in run.stdout, run.stdout[-2000:]
+
+
+def test_metrics_count_outcomes_by_reason_and_tasks_by_status(api: Api) -> None:
+    def samples() -> dict[str, float]:
+        out = {}
+        for line in httpx.get(f"{api.url}/metrics").text.splitlines():
+            if line.startswith("interval_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    failed_key = 'interval_analyses_total{outcome="failed",reason="no_ct_series"}'
+    before = samples()
+    client = SyncFHIRClient(f"{api.url}/fhir", authorization=f"Bearer {api.token}")
+    task = client.resource("Task", **_task("1.2.826.0.1.999.1", "SOMEONE"))  # a study nobody holds
+    task.save()
+    failed = _poll(client, task["id"], {"completed", "failed"})
+    assert (
+        failed["status"] == "failed"
+        and "not in the configured image folders" in failed["statusReason"]["text"]
+    )
+    after = samples()
+    assert after[failed_key] == before.get(failed_key, 0.0) + 1
+    assert after['interval_tasks{status="failed"}'] >= 1
+    assert "# TYPE interval_step_seconds histogram" in httpx.get(f"{api.url}/metrics").text
