@@ -124,13 +124,7 @@ class Volume:
 
     def lps_to_kji(self, lps: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Inverse of ``kji_to_lps``: fractional voxel indices ``[..., (k, j, i)]``."""
-        d = np.asarray(self.direction_lps, dtype=float)
-        rel = np.asarray(lps, dtype=float) - np.asarray(self.origin_lps_mm, dtype=float)
-        ijk_mm = rel @ d
-        out: npt.NDArray[np.float64] = (ijk_mm / np.asarray(self.spacing_kji_mm[::-1], dtype=float))[
-            ..., ::-1
-        ]
-        return out
+        return lps_to_kji(lps, self.spacing_kji_mm, self.origin_lps_mm, self.direction_lps)
 
     def contains_lps(self, lps: tuple[float, float, float], margin_voxels: float = 0.5) -> bool:
         """True when an LPS point lies within the scanned grid."""
@@ -148,6 +142,19 @@ def kji_to_lps(
     d = np.asarray(direction_lps, dtype=float)
     ijk_mm = kji[..., ::-1] * np.asarray(spacing_kji_mm[::-1], dtype=float)
     out: npt.NDArray[np.float64] = ijk_mm @ d.T + np.asarray(origin_lps_mm, dtype=float)
+    return out
+
+
+def lps_to_kji(
+    lps: npt.ArrayLike,
+    spacing_kji_mm: tuple[float, float, float],
+    origin_lps_mm: tuple[float, float, float],
+    direction_lps: tuple[tuple[float, float, float], ...],
+) -> npt.NDArray[np.float64]:
+    """Inverse of ``kji_to_lps`` (the direction matrix is orthonormal): fractional ``[..., (k, j, i)]``."""
+    d = np.asarray(direction_lps, dtype=float)
+    ijk_mm = (np.asarray(lps, dtype=float) - np.asarray(origin_lps_mm, dtype=float)) @ d
+    out: npt.NDArray[np.float64] = (ijk_mm / np.asarray(spacing_kji_mm[::-1], dtype=float))[..., ::-1]
     return out
 
 
