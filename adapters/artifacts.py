@@ -1,6 +1,7 @@
 """Per-study artifacts kept for the people who read the report: the result and the label map it rests on.
 
 ``<root>/<StudyInstanceUID>/report.json``  the analysis (``adapters.report_json.result_to_json``)
+``<root>/<StudyInstanceUID>/draft.json``  per sentence: model text, replaced or added, and why
 ``<root>/<StudyInstanceUID>/segmentation.npz``  ``labels`` (uint8, [k, j, i]) and ``lesion_probability``
 (float16), with the volume's geometry, so evidence images (key slice + contour) can be drawn later
 without running the model again.
@@ -47,6 +48,18 @@ def save_artifacts(result: StudyResult, root: Path) -> Path:
     folder = study_dir(root, result.acquisition.study_uid)
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / "report.json", json.dumps(result_to_json(result), indent=1).encode())
+    if result.draft is not None:  # which sentences are model text, which were replaced or added, and why
+        sentences = [
+            {
+                "section": c.section,
+                "text": c.text,
+                "origin": c.origin.value,
+                "drafted": c.drafted,
+                "problems": list(c.problems),
+            }
+            for c in result.draft.sentences
+        ]
+        _atomic_write(folder / "draft.json", json.dumps({"sentences": sentences}, indent=1).encode())
     seg = result.segmentation
     if seg is not None:
         tmp = folder / ".segmentation.tmp.npz"

@@ -12,6 +12,10 @@ The transaction holds, for one study:
   (AI-asserted content), ``conclusion`` + ``presentedForm``, ``imagingStudy``, ``result``;
 - ``Provenance``: the Device as author/assembler of every resource above.
 
+The site that acquired the study travels on the ImagingStudy and the DiagnosticReport as the extension
+``SITE_EXTENSION`` (valueString): by default the DICOM StationName (the acquisition facts carry no
+InstitutionName yet); the web pages map it to a site name and let only that site's users read the report.
+
 Every resource Interval creates carries an identifier derived from (study, model version, track), and is
 created with ``ifNoneExist``: publishing the same analysis twice does not duplicate anything.
 
@@ -38,6 +42,8 @@ from core.recist import Response
 from core.report import ReportText
 
 __all__ = [
+    "EHR_REPORT_SYSTEM",
+    "SITE_EXTENSION",
     "PublishedReport",
     "publish_report",
     "report_bundle",
@@ -66,6 +72,9 @@ _STATUS_SNOMED: dict[Response, tuple[str, str]] = {
 REPORT_ID_SYSTEM = "http://interval.local/fhir/report-id"
 OBSERVATION_ID_SYSTEM = "http://interval.local/fhir/observation-id"
 MODEL_ID_SYSTEM = "http://interval.local/fhir/model"
+# on Interval's copy of a report: where the EHR holds the published one (base URL + "/DiagnosticReport/<id>")
+EHR_REPORT_SYSTEM = "http://interval.local/fhir/ehr-report"
+SITE_EXTENSION = "http://interval.local/fhir/StructureDefinition/acquisition-site"
 
 
 def _urn(*parts: str) -> str:
@@ -100,9 +109,13 @@ def report_bundle(
     tracks: Mapping[str, str],
     issued: dt.datetime,
     text: ReportText | None = None,
+    site: str | None = None,
 ) -> dict[str, Any]:
-    """The transaction Bundle that publishes ``result`` (status ``preliminary``)."""
+    """The transaction Bundle that publishes ``result`` (status ``preliminary``); ``site`` (default: the
+    study's StationName) is recorded on the ImagingStudy and the report as ``SITE_EXTENSION``."""
     acq = result.acquisition
+    site = site if site is not None else acq.station_name
+    site_ext = [{"url": SITE_EXTENSION, "valueString": site}] if site else []
     version = result.model_version
     date = acq.study_date.isoformat()
     security = {"security": [AIAST]}
@@ -121,6 +134,7 @@ def report_bundle(
     study_url = _urn("ImagingStudy", acq.study_uid)
     study = {
         "resourceType": "ImagingStudy",
+        **({"extension": site_ext} if site_ext else {}),
         "identifier": [{"system": C.DICOM_UID, "value": f"urn:oid:{acq.study_uid}"}],
         "status": "available",
         "subject": {"reference": patient_ref},
@@ -191,6 +205,7 @@ def report_bundle(
     report: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
         "meta": security,
+        **({"extension": site_ext} if site_ext else {}),
         "identifier": [{"system": REPORT_ID_SYSTEM, "value": report_id}],
         "status": "preliminary",
         "category": [

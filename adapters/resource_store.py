@@ -44,6 +44,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -464,6 +465,10 @@ class ResourceStore:
             raise InvalidResourceError(f"{el}.request.ifNoneExist", str(exc)) from None
         if not query.filters:
             raise InvalidResourceError(f"{el}.request.ifNoneExist", "expected identifier=system|value")
+        if s.get_bind().dialect.name == "postgresql":
+            # two processes creating the same resource conditionally: the second waits for the first's commit,
+            # then finds it (the lock is released with the transaction)
+            s.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"{rtype}?{condition}"})
         ids = list(s.scalars(select(_Resource.id).where(*self._where(query)).limit(2)))
         if len(ids) > 1:
             raise InvalidResourceError(f"{el}.request.ifNoneExist", f"matches more than one {rtype}")

@@ -59,6 +59,69 @@ class Settings(BaseSettings):
     ehr_timeout_s: float = 30.0
     # Where CT studies are found by StudyInstanceUID (until a PACS is configured): folders searched
     image_roots: list[Path] = []
+    # Per-study results and label maps kept for evidence images (adapters/artifacts.py)
+    artifacts_dir: Path = Path("artifacts")
+    # Who writes the report text: the fine-tuned language model (verified sentence by sentence) or the
+    # deterministic wording alone
+    report_drafter: Literal["model", "deterministic"] = "deterministic"
+    # Where Tasks posted to the API are analysed: in the API process, or by Celery workers (`interval worker`)
+    pipeline: Literal["in-process", "celery"] = "in-process"
+    # --- distributed pipeline: Celery workers (`interval worker`), Redis broker (workers/celery_app.py) ---
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # a task delivered to a worker and not acknowledged within this time is delivered again (Redis); it must
+    # exceed the longest task (task_time_limit_s) and the longest retry delay (task_retry_backoff_max_s)
+    visibility_timeout_s: float = 3600.0
+    # hard limit of one task; the soft limit, which records "took too long" on the Task, comes 10% earlier
+    task_time_limit_s: float = 1800.0
+    # retries of a step that met an unreachable EHR, PACS or database: exponential backoff, then `failed`
+    task_max_retries: int = 5
+    task_retry_backoff_s: float = 2.0
+    task_retry_backoff_max_s: float = 300.0
+    # how often each worker returns unacknowledged deliveries older than visibility_timeout_s to their queue
+    # (a worker killed mid-task); kombu 5.6 alone does it at worker start and then every ~100 s
+    unacked_restore_interval_s: float = 30.0
+    unacked_restore_limit: int = 100  # at most this many per pass
+    # Where studies are retrieved from when the image source is a PACS (DICOMweb); unset: image_roots
+    pacs_dicomweb_url: str | None = None
+    image_cache_dir: Path = Path("cache/studies")
+    # The model version the API keys Tasks with when the analysis runs on workers (it loads no model);
+    # unset: derived from segmenter_weights exactly as the workers' segmenter does
+    model_version: str | None = None
+    # Test hooks, refused in production: "truth:<folder>" replaces the model by the synthetic cohort's
+    # ground-truth label maps (fixtures.synth.evaluation.TruthSegmenter; a patient folder or a folder of
+    # patients); the delay is slept before and again after each analysis, so that a test can kill a worker
+    # before or after its report reached the EHR.
+    test_segmenter: str | None = None
+    test_analysis_delay_s: float = 0.0
+
+    @model_validator(mode="after")
+    def _queue_sane(self) -> Settings:
+        if self.task_time_limit_s <= 0 or self.task_max_retries < 0 or self.task_retry_backoff_s < 0:
+            raise ValueError(
+                "INTERVAL_TASK_TIME_LIMIT_S must be > 0, INTERVAL_TASK_MAX_RETRIES and "
+                "INTERVAL_TASK_RETRY_BACKOFF_S >= 0"
+            )
+        longest = max(self.task_time_limit_s, self.task_retry_backoff_max_s)
+        if self.visibility_timeout_s <= longest:
+            raise ValueError(
+                f"INTERVAL_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s:g} s) must exceed the longest task "
+                f"(INTERVAL_TASK_TIME_LIMIT_S) and retry delay (INTERVAL_TASK_RETRY_BACKOFF_MAX_S), here "
+                f"{longest:g} s: a task still running would otherwise be delivered a second time"
+            )
+        if self.unacked_restore_interval_s <= 0 or self.unacked_restore_limit < 1:
+            raise ValueError("INTERVAL_UNACKED_RESTORE_INTERVAL_S must be > 0 and _LIMIT >= 1")
+        if self.test_segmenter is not None and not self.test_segmenter.startswith("truth:"):
+            raise ValueError("INTERVAL_TEST_SEGMENTER must be truth:<folder of synthetic patients>")
+        if self.environment == "production" and (
+            self.test_segmenter is not None or self.test_analysis_delay_s
+        ):
+            raise ValueError(
+                "INTERVAL_TEST_SEGMENTER and INTERVAL_TEST_ANALYSIS_DELAY_S are test hooks; unset them in "
+                "production"
+            )
+        if self.test_analysis_delay_s < 0:
+            raise ValueError("INTERVAL_TEST_ANALYSIS_DELAY_S must be >= 0")
+        return self
 
     @model_validator(mode="after")
     def _sane(self) -> Settings:
@@ -106,3 +169,22 @@ class Settings(BaseSettings):
             irecist=self.irecist,
             remeasure_priors=self.remeasure_priors,
         )
+
+    # --- web pages (service/web.py) --- declared last, after the methods, to keep them together
+    # the session cookie's Secure flag: pages served over https need it; refused off in production
+    web_cookie_secure: bool = False
+    web_session_ttl_h: float = 12.0  # a login lasts this long (absolute, not sliding)
+    # The site of a study is what the analysis recorded in the report's acquisition-site extension (the DICOM
+    # StationName until Interval reads InstitutionName): this maps recorded names to site names; unmapped names
+    # are their own site. JSON in the environment: INTERVAL_WEB_STATION_SITES='{"GECT02": "north"}'
+    web_station_sites: dict[str, str] = {}
+
+    # --- results back to the PACS and the stable-study trigger (workers/analysis.py, workers/pacs_trigger.py) ---
+    # with INTERVAL_PACS_DICOMWEB_URL set, each analysis sends its DICOM SEG and TID 1500 SR into the study
+    pacs_publish_results: bool = True
+    # Orthanc's REST root, whose /changes `interval watch-pacs` polls; unset: INTERVAL_PACS_DICOMWEB_URL without
+    # its last path segment (http://pacs:8042/dicom-web -> http://pacs:8042)
+    pacs_orthanc_url: str | None = None
+    # where `interval watch-pacs` keeps its position in Orthanc's change log (and the series it has seen)
+    pacs_watch_state: Path = Path("cache/pacs-watch.json")
+    pacs_watch_interval_s: float = 1.0

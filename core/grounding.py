@@ -58,9 +58,10 @@ class VerifiedDraft:
 
     @property
     def accepted_fraction(self) -> float:
-        """Drafted sentences that passed unchanged, over all drafted sentences (1.0 for an empty draft)."""
-        drafted = [s for s in self.sentences if s.origin is not Origin.ADDED]
-        return sum(s.origin is Origin.MODEL for s in drafted) / len(drafted) if drafted else 1.0
+        """Sentences that passed unchanged, over every sentence checked or added: a draft that omits the
+        category or a new lesion counts the added sentence against it (an empty draft scores 0)."""
+        n = len(self.sentences)
+        return sum(s.origin is Origin.MODEL for s in self.sentences) / n if n else 0.0
 
     @property
     def flagged(self) -> tuple[SentenceCheck, ...]:

@@ -17,11 +17,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from core.errors import AnalysisError, IntervalError
+from core.grounding import VerifiedDraft
 from core.history import TimePointAssessment, assess_history, baseline_roles
 from core.irecist import IRecistState, irecist_step
 from core.lesions import LesionFilter, extract_lesions, guided_search
 from core.matching import GATE_MM, MatchResult, find_splits_and_merges, match_lesions
-from core.ports import ImageSource, PriorStore, Segmenter
+from core.ports import ImageSource, PriorStore, ReportDrafter, Segmenter
 from core.recist import (
     NEW_LESION_MIN_MM,
     CurrentStatus,
@@ -106,6 +107,8 @@ class StudyResult:
     direction_lps: tuple[tuple[float, float, float], ...]
     # the label map and lesion probability this result was measured on (evidence images); not compared
     segmentation: Segmentation | None = field(default=None, repr=False, compare=False)
+    # the language model's verified draft (None: deterministic wording); ``report`` is its text
+    draft: VerifiedDraft | None = None
 
 
 def _noop(step: str, state: str, detail: str) -> None:
@@ -144,6 +147,7 @@ def analyze_study(
     segmenter: Segmenter,
     settings: AnalysisSettings | None = None,
     progress: Progress = _noop,
+    drafter: ReportDrafter | None = None,
 ) -> StudyResult:
     settings = settings or AnalysisSettings()
     steps = _Steps(progress)
@@ -198,8 +202,13 @@ def analyze_study(
             irecist=irecist,
             notes=tuple(notes),
         )
-        report = render_report(facts)
-        d.append("deterministic wording")
+        if drafter is None:
+            report, draft = render_report(facts), None
+            d.append("deterministic wording")
+        else:
+            draft = drafter.draft(facts)
+            report = draft.text
+            d.append(f"{drafter.model_version}, {len(draft.flagged)} sentence(s) replaced or added")
     return StudyResult(
         acquisition=acq,
         model_version=segmenter.model_version,
@@ -218,6 +227,7 @@ def analyze_study(
         direction_lps=volume.direction_lps,
         spacing_kji_mm=volume.spacing_kji_mm,
         segmentation=seg,
+        draft=draft,
     )
 
 

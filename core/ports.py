@@ -8,9 +8,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Protocol
 
+from core.grounding import VerifiedDraft
+from core.report import ReportFacts
 from core.types import PriorTimePoint, Segmentation, Volume
 
-__all__ = ["ImageSource", "PriorStore", "Segmenter"]
+__all__ = ["ImageSource", "PriorStore", "ReportDrafter", "Segmenter"]
 
 
 class ImageSource(Protocol):
@@ -40,3 +42,12 @@ class Segmenter(Protocol):
     def model_version(self) -> str: ...
 
     def segment(self, volume: Volume) -> Segmentation: ...
+
+
+class ReportDrafter(Protocol):
+    """Writes the report from the facts; returns it verified (``core.grounding.verify_draft``)."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    def draft(self, facts: ReportFacts) -> VerifiedDraft: ...

@@ -9,6 +9,9 @@ Interactions (``service.capability.SERVED``): Task create/read/vread/search (cre
 StudyInstanceUID + model version); DiagnosticReport read/vread/search/update (If-Match required);
 Observation, BodyStructure and Provenance read/vread/search. ``GET /fhir/metadata`` needs no token;
 everything else needs a bearer JWT with the SMART system scope of the interaction (``service.auth``).
+
+The web pages for radiologists and clinicians (``service.web``: sessions, not bearer tokens) are mounted on
+the same app, outside ``/fhir``.
 """
 
 import datetime as dt
@@ -74,6 +77,8 @@ from service.outcome import (
     operation_outcome,
     outcome_for,
 )
+from service.users import UserStore
+from service.web import mount_web
 
 __all__ = ["create_app"]
 
@@ -109,9 +114,11 @@ def create_app(
     store: ResourceStore | None = None,
     runner: TaskRunner | None = None,
     analyzer: Analyzer | None = None,
+    users: UserStore | None = None,
 ) -> FastAPI:
-    """The FHIR API. Without ``store`` it opens ``settings.database_url``; without ``runner`` it runs
-    ``analyzer`` in-process (and, with no analyzer either, records every Task as failed, saying why)."""
+    """The FHIR API and the web pages. Without ``store`` it opens ``settings.database_url``; without
+    ``runner`` it runs ``analyzer`` in-process (and, with no analyzer either, records every Task as failed,
+    saying why); without ``users`` the web accounts live in the store's database."""
     settings = settings if settings is not None else Settings()
     store = store if store is not None else ResourceStore(settings.database_url)
     owns_runner = runner is None
@@ -123,7 +130,7 @@ def create_app(
     capability = capability_statement(settings, _software_version(), started)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if owns_runner:
             resumed = await run_in_threadpool(resume_pending, store, task_runner)
             if resumed:
@@ -131,6 +138,7 @@ def create_app(
         yield
         if owns_runner and isinstance(task_runner, InProcessRunner):
             task_runner.shutdown(wait=False)
+        app.state.web.close()
 
     app = FastAPI(
         title="Interval FHIR API",
@@ -256,6 +264,7 @@ def create_app(
         stored = store.update(body, if_match=if_match)
         return _resource_response(stored, base, 200)
 
+    mount_web(app, settings, store, users)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

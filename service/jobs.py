@@ -12,8 +12,11 @@ shown to users and holds no PHI) becomes ``Task.statusReason.text``; anything el
 ``internal error, reference <uuid>``, with the traceback logged under that reference. A failed Task is
 retried by posting the same Task again (the API re-queues it).
 
-``InProcessRunner`` runs analyses on a thread pool in the API process (the embedded default); a
-Celery runner with the same protocol serves production.
+Every runner records the end of a job with the same two functions: ``complete_task`` (store the
+Bundle and complete the Task in one database transaction; a Task already ``completed`` is left alone,
+so that a job run twice, after a crash or a duplicate delivery, stores one report) and
+``record_failure``. ``InProcessRunner`` runs analyses on a thread pool in the API process (the
+embedded default); ``workers.celery_app.CeleryRunner`` queues them to Celery workers (production).
 """
 
 from __future__ import annotations
@@ -44,8 +47,11 @@ __all__ = [
     "TaskRunner",
     "UnconfiguredAnalyzer",
     "check_new_task",
+    "complete_task",
+    "failure_message",
     "job_key",
     "mark_failed",
+    "record_failure",
     "resume_pending",
     "transition",
 ]
@@ -268,72 +274,115 @@ class InProcessRunner:
         try:
             transition(self._store, request.task_id, _start)
             bundle = self._analyzer(request)
-            self._complete(request, bundle)
-        except IntervalError as exc:
-            log.info("analysis of Task/%s failed: %s", request.task_id, exc.reason)
-            self._fail(request.task_id, str(exc))
-        except Exception:
-            reference = uuid.uuid4()
-            log.exception(
-                "analysis of Task/%s failed, internal error reference %s", request.task_id, reference
-            )
-            self._fail(request.task_id, f"internal error, reference {reference}")
+            complete_task(self._store, request, bundle)
+        except Exception as exc:  # noqa: BLE001 - every failure ends recorded on the Task
+            record_failure(self._store, request.task_id, exc)
 
-    def _complete(self, request: AnalysisRequest, bundle: dict[str, Any]) -> None:
-        report_url = _check_result(request, bundle)
-        for attempt in range(3):
-            task = _read_task(self._store, request.task_id)
-            done = dict(task)
-            now = format_instant_now()
-            done["status"] = "completed"
-            done["lastModified"] = now
-            done["executionPeriod"] = {**(task.get("executionPeriod") or {}), "end": now}
-            done["output"] = [
-                {"type": {"text": "DiagnosticReport"}, "valueReference": {"reference": report_url}}
-            ]
-            done.pop("statusReason", None)
-            entry = {
-                "resource": done,
-                "request": {
-                    "method": "PUT",
-                    "url": f"Task/{request.task_id}",
-                    "ifMatch": f'W/"{task["meta"]["versionId"]}"',
-                },
-            }
-            try:
-                self._store.apply_transaction({**bundle, "entry": [*bundle["entry"], entry]})
-                return
-            except VersionConflict:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
 
-    def _fail(self, task_id: str, message: str) -> None:
+def complete_task(store: ResourceStore, request: AnalysisRequest, bundle: dict[str, Any]) -> dict[str, Any]:
+    """Store the analyzer's Bundle and complete the Task with an output naming its DiagnosticReport.
+
+    Both happen in one database transaction, guarded by the Task's version (If-Match), so that of two
+    attempts completing the same Task only one stores its Bundle. A Task that is already ``completed``
+    is returned as it is and nothing is stored: re-running a job (a redelivered queue message, a
+    duplicate trigger) never adds a second report. Returns the Task as stored.
+    """
+    report_url = _check_result(request, bundle)
+    for attempt in range(3):
+        task = _read_task(store, request.task_id)
+        if task.get("status") == "completed":
+            log.info("Task/%s is already completed; the repeated result is not stored", request.task_id)
+            return task
+        done = dict(task)
+        now = format_instant_now()
+        done["status"] = "completed"
+        done["lastModified"] = now
+        done["executionPeriod"] = {**(task.get("executionPeriod") or {}), "end": now}
+        done["output"] = [{"type": {"text": "DiagnosticReport"}, "valueReference": {"reference": report_url}}]
+        done.pop("statusReason", None)
+        done.pop("businessStatus", None)
+        entry = {
+            "resource": done,
+            "request": {
+                "method": "PUT",
+                "url": f"Task/{request.task_id}",
+                "ifMatch": f'W/"{task["meta"]["versionId"]}"',
+            },
+        }
         try:
-            mark_failed(self._store, task_id, message)
-        except Exception:
-            log.exception("could not record the failure of Task/%s", task_id)
+            store.apply_transaction({**bundle, "entry": [*bundle["entry"], entry]})
+        except VersionConflict:
+            if attempt == 2:
+                raise
+            continue
+        return _read_task(store, request.task_id)
+    raise AssertionError("unreachable")
+
+
+def failure_message(task_id: str, exc: BaseException) -> str:
+    """What a Task's ``statusReason`` says about ``exc``: an ``IntervalError``'s own message (written for
+    users, no PHI); for anything else ``internal error, reference <uuid>``, the traceback logged under it."""
+    if isinstance(exc, IntervalError):
+        log.info("analysis of Task/%s failed: %s", task_id, exc.reason)
+        return str(exc)
+    reference = uuid.uuid4()
+    log.error("analysis of Task/%s failed, internal error reference %s", task_id, reference, exc_info=exc)
+    return f"internal error, reference {reference}"
+
+
+def record_failure(
+    store: ResourceStore,
+    task_id: str,
+    exc: BaseException,
+    *,
+    unless: Callable[[dict[str, Any]], bool] | None = None,
+) -> str:
+    """Record on the Task that its analysis failed with ``exc`` (``failure_message``); returns the message.
+
+    A Task already ``completed`` stays completed (a late failure of a duplicate attempt does not undo a
+    stored report), and so does one for which ``unless(task)`` is true. Never raises: when the store
+    itself is down, the failure is logged instead.
+    """
+    message = failure_message(task_id, exc)
+
+    def fail(task: dict[str, Any]) -> bool:
+        if task.get("status") == "completed" or (unless is not None and unless(task)):
+            return False
+        _set_failed(task, message)
+        return True
+
+    try:
+        transition(store, task_id, fail)
+    except Exception:  # the store is down or the Task is gone: the log keeps the record
+        log.exception("could not record the failure of Task/%s", task_id)
+    return message
 
 
 def mark_failed(store: ResourceStore, task_id: str, message: str) -> dict[str, Any]:
     """Record that a Task's analysis failed; ``message`` is shown to users (no PHI)."""
 
-    def fail(task: dict[str, Any]) -> None:
-        task["status"] = "failed"
-        task["statusReason"] = {"text": message}
-        task["lastModified"] = format_instant_now()
-        task.pop("output", None)
+    return transition(store, task_id, lambda task: _set_failed(task, message))
 
-    return transition(store, task_id, fail)
+
+def _set_failed(task: dict[str, Any], message: str) -> None:
+    task["status"] = "failed"
+    task["statusReason"] = {"text": message}
+    task["lastModified"] = format_instant_now()
+    task.pop("output", None)
 
 
 def transition(
-    store: ResourceStore, task_id: str, change: Callable[[dict[str, Any]], None]
+    store: ResourceStore, task_id: str, change: Callable[[dict[str, Any]], bool | None]
 ) -> dict[str, Any]:
-    """Apply ``change`` to the current Task and store it, re-reading when another writer came first."""
+    """Apply ``change`` to the current Task and store it, re-reading when another writer came first.
+
+    ``change`` edits the Task in place; when it returns ``False`` the Task is left as it is (nothing is
+    written) and returned as read.
+    """
     for attempt in range(5):
         task = _read_task(store, task_id)
-        change(task)
+        if change(task) is False:
+            return task
         try:
             return store.update(task, if_match=f'W/"{task["meta"]["versionId"]}"')
         except VersionConflict:

@@ -3,12 +3,16 @@
 ``PipelineAnalyzer`` is the ``service.jobs.Analyzer`` the API's runner calls. It loads the segmenter once
 (per process), reads the study from the image source by StudyInstanceUID, reads the patient's priors from
 the EHR over FHIR (``EhrPriorStore``), runs ``core.pipeline.analyze_study`` and publishes the result to the
-EHR as one transaction Bundle (``preliminary``, AI-asserted, with Provenance). It returns the Bundle for
-Interval's own store: the same resources, with every lesion track created conditionally there too.
+EHR as one transaction Bundle (``preliminary``, AI-asserted, with Provenance). With a PACS (``pacs``) it then
+sends the lesions as a DICOM SEG and the measurements as a TID 1500 SR into the same study by STOW-RS
+(``publish_to_pacs``). It returns the Bundle for Interval's own store: the same resources, with every lesion
+track created conditionally there too.
 
-Errors are Interval's own (``core.errors``): a dead EHR raises ``ExternalServiceError`` after the client's
-retries, so the Task ends ``failed`` with a reason and can be posted again; nothing is half-published
-because the EHR receives a single transaction, and a repeat is absorbed by the conditional creates.
+Errors are Interval's own (``core.errors``): a dead EHR or PACS raises ``ExternalServiceError`` after the
+client's retries, so the Task ends ``failed`` with a reason (after the Celery step's own retries) and can be
+posted again. A repeat publishes nothing twice: the EHR receives a single transaction whose conditional creates
+absorb it, and the SEG and SR have SOP Instance UIDs derived from the series and the model version, so the PACS
+keeps one instance of each however often they are sent.
 """
 
 from __future__ import annotations
@@ -16,28 +20,32 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.artifacts import save_artifacts
+from adapters.dicom_series import scan_folder
+from adapters.dicomweb import DicomWebClient, DicomWebImageSource, StowResult
 from adapters.ehr_priors import EhrPriorStore
 from adapters.fhir_client import FhirClient, RetryPolicy, SmartBackendAuth
-from adapters.fhir_publish import publish_report, report_bundle
+from adapters.fhir_publish import EHR_REPORT_SYSTEM, publish_report, report_bundle
+from adapters.image_folder import FolderImageSource
 from adapters.prior_bundle import NoPriors
 from adapters.telemetry import ANALYSES, log_context, observe_steps, timed
-from core.errors import InputError, IntervalError
+from core.errors import AnalysisError, InputError, IntervalError
 from core.pipeline import AnalysisSettings, StudyResult, analyze_study
-from core.ports import ImageSource, Segmenter
+from core.ports import ImageSource, ReportDrafter, Segmenter
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
     from service.jobs import AnalysisRequest
 
-__all__ = ["EhrConnection", "PipelineAnalyzer"]
+__all__ = ["EhrConnection", "PipelineAnalyzer", "publish_to_pacs", "source_headers"]
 
 log = logging.getLogger(__name__)
-
-EHR_REPORT_SYSTEM = "http://interval.local/fhir/ehr-report"
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,15 @@ class PipelineAnalyzer:
         ehr: EhrConnection | None,
         settings: AnalysisSettings | None = None,
         artifacts_dir: Path | None = None,
+        drafter: ReportDrafter | None = None,
+        pacs: DicomWebClient | None = None,
     ) -> None:
         self.artifacts_dir = artifacts_dir
+        self.drafter = drafter
         self.images = images
         self.segmenter = segmenter
         self.ehr = ehr
+        self.pacs = pacs  # where the SEG and SR go (STOW-RS); None: nowhere
         self.settings = settings or AnalysisSettings()
         self.last_result: StudyResult | None = None
 
@@ -99,6 +111,7 @@ class PipelineAnalyzer:
             priors=store,
             segmenter=self.segmenter,
             settings=self.settings,
+            drafter=self.drafter,
         )
         if result.acquisition.study_uid != request.study_uid:
             raise InputError(
@@ -106,6 +119,7 @@ class PipelineAnalyzer:
             )
         self.last_result = result
         observe_steps(result.step_seconds)
+        log.info("steps: %s", ", ".join(f"{k} {v:.2f} s" for k, v in result.step_seconds.items()))
         if self.artifacts_dir is not None:
             save_artifacts(result, self.artifacts_dir)
         issued = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -140,9 +154,61 @@ class PipelineAnalyzer:
                             "value": f"{self.ehr.base_url if self.ehr else ''}/{ehr_report}",
                         }
                     )
+        if self.pacs is not None:
+            publish_to_pacs(result, self.images, self.pacs)
         return local
 
     async def _publish(self, bundle: dict[str, Any]) -> Any:
         assert self.ehr is not None
         async with self.ehr.client() as ehr:
             return await publish_report(ehr, bundle)
+
+
+def source_headers(images: ImageSource, result: StudyResult) -> list[Dataset]:
+    """The headers (no pixels) of the series ``result`` was measured on, read from the folder the image source
+    loaded it from: the study's folder in the DICOMweb cache, or the folder a ``FolderImageSource`` found."""
+    acq = result.acquisition
+    folder: Path | None = None
+    if isinstance(images, DicomWebImageSource):
+        folder = images.study_dir(acq.study_uid)
+    elif isinstance(images, FolderImageSource):
+        folder = images.folder_of(acq.study_uid, refresh=True)
+    if folder is None or not folder.is_dir():
+        raise AnalysisError(
+            f"the images of study {acq.study_uid} are not in a folder of the image source "
+            f"({type(images).__name__}); the SEG and SR need them as their source",
+            study_uid=acq.study_uid,
+        )
+    headers = [ds for _, ds in scan_folder(folder).series.get(acq.series_uid, [])]
+    if len(headers) != result.volume_shape[0]:
+        raise AnalysisError(
+            f"series {acq.series_uid} has {len(headers)} image(s) in the study's folder, the analysis used "
+            f"{result.volume_shape[0]}: the study changed since; post the Task again",
+            study_uid=acq.study_uid,
+        )
+    return headers
+
+
+def publish_to_pacs(result: StudyResult, images: ImageSource, pacs: DicomWebClient) -> StowResult:
+    """Send the DICOM SEG (one segment per detected lesion, Tracking UID = the lesion's track) and the TID 1500
+    SR (time point order = priors + 1) into the analysed study by STOW-RS; nothing when no lesion was detected
+    (a SEG and a TID 1500 measurement report need at least one). Safe to repeat: both SOP Instance UIDs are
+    derived from the series and the model version, and a PACS stores an instance it holds once (Orthanc keeps
+    the first copy). ``ExternalServiceError`` when the PACS is unreachable after the client's retries."""
+    from adapters.dicom_seg import write_lesion_seg  # highdicom: imported where it is used
+    from adapters.dicom_sr import write_measurement_report
+
+    acq = result.acquisition
+    if not any(t.detected is not None for t in result.lesions):
+        log.info("no lesion detected: no SEG or SR for the PACS")
+        return StowResult((), (), ())
+    order = len(result.prior_dates) + 1
+    with tempfile.TemporaryDirectory(prefix="interval-dicom-") as tmp:
+        with timed("pacs_outputs"):
+            headers = source_headers(images, result)
+            seg = write_lesion_seg(result, headers, Path(tmp) / "seg.dcm")
+            sr = write_measurement_report(result, headers, Path(tmp) / "sr.dcm", time_point_order=order)
+        with timed("publish_pacs"):
+            stored = pacs.store([seg, sr], study_uid=acq.study_uid)
+    log.info("sent the SEG and the SR (time point %d) to the PACS: %d instance(s)", order, len(stored.stored))
+    return stored

@@ -3,6 +3,8 @@
     interval analyze STUDY_DIR --priors BUNDLE.json [--prior-images DIR] [--out DIR]
     interval synth OUT_DIR [--patients N] [--seed S]
     interval demo [--out DIR]
+    interval user add NAME --role radiologist|clinician|admin --site S [--site S2]
+    interval watch-pacs --api http://interval:8000 [--state FILE] [--once]
 
 Errors end in one readable line on stderr and a non-zero exit code (2 bad input, 3 model,
 4 external service, 70 internal); never a traceback (an internal error's traceback goes to a
@@ -389,6 +391,41 @@ def serve(
 
 
 @app.command()
+def worker(
+    queues: Annotated[
+        str,
+        typer.Option(
+            "--queues", "-Q", help="Comma-separated: imaging (model inference), default (everything else)."
+        ),
+    ] = "imaging,default",
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Worker processes (prefork), one task each.")
+    ] = 1,
+    hostname: Annotated[
+        str | None, typer.Option("--hostname", "-n", help="Node name, e.g. imaging1@%h (default celery@%h).")
+    ] = None,
+    loglevel: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run a Celery worker of the analysis pipeline; settings (broker, database, EHR, PACS) from INTERVAL_*."""
+    with _user_errors():
+        names = [q.strip() for q in queues.split(",") if q.strip()]
+        from workers.celery_app import QUEUES
+
+        unknown = [q for q in names if q not in QUEUES]
+        if not names or unknown:
+            raise InputError(f"unknown queue(s) {unknown or queues!r}; choose from {', '.join(QUEUES)}")
+        from workers.celery_app import app as celery_app
+
+        argv = ["worker", "-Q", ",".join(names), "-c", str(concurrency), "-P", "prefork", "-l", loglevel]
+        argv += ["--without-mingle", "--without-gossip"]  # no peer chatter: workers share nothing but Redis
+        if hostname:
+            argv += ["-n", hostname]
+        code = celery_app.start(argv=argv)  # worker_main would drop the exit code
+        if code:
+            raise typer.Exit(int(code))
+
+
+@app.command()
 def token(
     client: Annotated[str, typer.Argument(help="Client id the token is issued to (its 'sub').")],
     scope: Annotated[
@@ -413,6 +450,147 @@ def token(
             highlight=False,
             soft_wrap=True,
         )
+
+
+@app.command("watch-pacs")
+def watch_pacs(
+    api: Annotated[
+        str | None,
+        typer.Option(help="Interval's API that receives the Tasks (default: INTERVAL_PUBLIC_BASE_URL)."),
+    ] = None,
+    orthanc: Annotated[
+        str | None,
+        typer.Option(
+            help="Orthanc's REST root (default: INTERVAL_PACS_ORTHANC_URL, else from the DICOMweb URL)."
+        ),
+    ] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(
+            help="Position in Orthanc's change log, kept across restarts (INTERVAL_PACS_WATCH_STATE)."
+        ),
+    ] = None,
+    interval: Annotated[
+        float | None, typer.Option(min=0.1, help="Seconds between polls (INTERVAL_PACS_WATCH_INTERVAL_S).")
+    ] = None,
+    from_start: Annotated[
+        bool, typer.Option(help="Without a state file: read Orthanc's whole change log, not only what comes.")
+    ] = False,
+    once: Annotated[bool, typer.Option(help="One pass over the new changes, then exit.")] = False,
+) -> None:
+    """Order an analysis (a FHIR Task to the API) for each study the PACS (Orthanc) announces as stable."""
+    with _user_errors():
+        import logging
+        import signal
+        import threading
+
+        from adapters.dicomweb import StableStudyWatcher
+        from adapters.settings import Settings
+        from workers.pacs_trigger import PacsTrigger, TaskApi, orthanc_url
+        from workers.serve import pacs_client
+
+        settings = Settings()
+        root = orthanc or orthanc_url(settings)
+        pacs = pacs_client(settings)
+        if pacs is None:
+            raise InputError(
+                "set INTERVAL_PACS_DICOMWEB_URL: the watcher reads each study's series by QIDO-RS"
+            )
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for name in ("httpx", "httpcore"):  # request URLs can hold identifiers
+            logging.getLogger(name).setLevel(logging.WARNING)
+        trigger = PacsTrigger(
+            StableStudyWatcher(root, timeout=settings.ehr_timeout_s, retries=settings.ehr_retry_attempts - 1),
+            pacs,
+            TaskApi.from_settings(api or settings.public_base_url, settings),
+            state or settings.pacs_watch_state,
+            from_start=from_start,
+        )
+        try:
+            if once:
+                for outcome in trigger.run_once():
+                    out_console.print(
+                        f"{outcome.study_uid}: {outcome.action} {outcome.task_id or ''} {outcome.detail}",
+                        highlight=False,
+                    )
+                return
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            err_console.print(f"watching {root} for stable studies; Tasks to {trigger.api.base_url}")
+            trigger.run(stop, interval or settings.pacs_watch_interval_s)
+        finally:
+            trigger.close()
+            pacs.close()
+
+
+user_app = typer.Typer(
+    no_args_is_help=True, help="Accounts of the web pages (radiologists, clinicians, admins)."
+)
+app.add_typer(user_app, name="user")
+PASSWORD_ENV = "INTERVAL_USER_PASSWORD"
+
+
+def _new_password() -> str:
+    """The password from INTERVAL_USER_PASSWORD, else asked twice at the terminal (never an argument: it
+    would stay in the shell history and the process list)."""
+    from_env = os.environ.get(PASSWORD_ENV)
+    if from_env:
+        return from_env
+    if not sys.stdin.isatty():
+        raise InputError(f"no terminal to ask the password on: set {PASSWORD_ENV}")
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+@user_app.command("add")
+def user_add(
+    name: Annotated[str, typer.Argument(help="User name (letters, digits, . _ @ -).")],
+    role: Annotated[str, typer.Option(help="radiologist, clinician or admin.")],
+    site: Annotated[
+        list[str],
+        typer.Option(help="A site whose studies the user reads; repeat for more; * for every site."),
+    ],
+    display_name: Annotated[str | None, typer.Option(help="Name shown on pages and signatures.")] = None,
+    practitioner: Annotated[
+        str | None,
+        typer.Option(help="The user's Practitioner at the EHR (Practitioner/id), the report signer."),
+    ] = None,
+) -> None:
+    """Add a web account; the password comes from INTERVAL_USER_PASSWORD or a prompt (argon2id-hashed)."""
+    with _user_errors():
+        from adapters.settings import Settings
+        from service.users import UserStore
+
+        users = UserStore(Settings().database_url)
+        try:
+            user = users.add_user(
+                name,
+                _new_password(),
+                role=role,
+                sites=site,
+                display_name=display_name,
+                practitioner_ref=practitioner,
+            )
+        finally:
+            users.close()
+        out_console.print(
+            f"added {user.username} ({user.role.value}, sites: {', '.join(user.sites)})", highlight=False
+        )
+
+
+@user_app.command("password")
+def user_password(name: Annotated[str, typer.Argument(help="User name.")]) -> None:
+    """Set a new password (from INTERVAL_USER_PASSWORD or a prompt); the user's sessions end."""
+    with _user_errors():
+        from adapters.settings import Settings
+        from service.users import UserStore
+
+        users = UserStore(Settings().database_url)
+        try:
+            users.set_password(name, _new_password())
+        finally:
+            users.close()
+        out_console.print(f"password of {name} changed", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry

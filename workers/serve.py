@@ -1,12 +1,15 @@
 """Interval's API process: settings -> analyzer (model loaded once) -> FastAPI app.
 
-``interval serve`` runs it with uvicorn; ``uvicorn workers.serve:app_from_env --factory`` does the same.
+``interval serve`` runs it with uvicorn; ``uvicorn workers.serve:app_from_env --factory`` does the same. The
+Celery workers build their analyzer here too (``build_analyzer``): the same settings give the same image source
+(a folder, or the PACS over DICOMweb when ``INTERVAL_PACS_DICOMWEB_URL`` is set), EHR and PACS outputs.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from adapters.dicomweb import DicomWebClient, DicomWebImageSource
 from adapters.fhir_client import RetryPolicy, SmartBackendAuth
 from adapters.image_folder import FolderImageSource
 from adapters.settings import Settings
@@ -15,9 +18,9 @@ from workers.analysis import EhrConnection, PipelineAnalyzer
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from core.ports import Segmenter
+    from core.ports import ImageSource, ReportDrafter, Segmenter
 
-__all__ = ["app_from_env", "build_analyzer", "ehr_connection"]
+__all__ = ["app_from_env", "build_analyzer", "build_drafter", "ehr_connection", "image_source", "pacs_client"]
 
 
 def ehr_connection(settings: Settings) -> EhrConnection | None:
@@ -39,8 +42,30 @@ def ehr_connection(settings: Settings) -> EhrConnection | None:
     return EhrConnection(settings.ehr_base_url, auth=auth, retry=retry)
 
 
-def build_analyzer(settings: Settings, segmenter: Segmenter | None = None) -> PipelineAnalyzer:
-    """The analysis behind every Task of this process; the segmentation model is loaded here, once."""
+def pacs_client(settings: Settings) -> DicomWebClient | None:
+    """The PACS's DICOMweb client (retries and timeout as the EHR's), or None when no PACS is configured."""
+    if settings.pacs_dicomweb_url is None:
+        return None
+    return DicomWebClient(
+        settings.pacs_dicomweb_url,
+        timeout=settings.ehr_timeout_s,
+        retries=settings.ehr_retry_attempts - 1,
+        backoff=settings.ehr_backoff_s,
+    )
+
+
+def image_source(settings: Settings, pacs: DicomWebClient | None) -> ImageSource:
+    """Studies from the PACS (retrieved once into ``image_cache_dir``) when there is one, else from folders."""
+    if pacs is not None:
+        return DicomWebImageSource(pacs, settings.image_cache_dir)
+    return FolderImageSource(list(settings.image_roots))
+
+
+def build_analyzer(
+    settings: Settings, segmenter: Segmenter | None = None, images: ImageSource | None = None
+) -> PipelineAnalyzer:
+    """The analysis behind every Task of this process; the segmentation model is loaded here, once. With a PACS
+    the SEG and SR of each analysis go to it (unless ``pacs_publish_results`` is off)."""
     if segmenter is None:
         import torch
 
@@ -48,17 +73,34 @@ def build_analyzer(settings: Settings, segmenter: Segmenter | None = None) -> Pi
 
         torch.set_num_threads(1)
         segmenter = MonaiSegmenter(settings.segmenter_weights)
+    pacs = images.client if isinstance(images, DicomWebImageSource) else pacs_client(settings)
     return PipelineAnalyzer(
-        images=FolderImageSource(list(settings.image_roots)),
+        images=images if images is not None else image_source(settings, pacs),
         segmenter=segmenter,
         ehr=ehr_connection(settings),
         settings=settings.analysis(),
         artifacts_dir=settings.artifacts_dir,
+        drafter=build_drafter(settings),
+        pacs=pacs if settings.pacs_publish_results else None,
     )
 
 
+def build_drafter(settings: Settings) -> ReportDrafter | None:
+    if settings.report_drafter == "deterministic":
+        return None
+    from models.drafter.drafter import LlmDrafter
+
+    return LlmDrafter()
+
+
 def app_from_env() -> FastAPI:
+    """The API: with ``INTERVAL_PIPELINE=celery`` Tasks go to the workers (no model in this process),
+    otherwise they are analysed in-process."""
+    settings = Settings()
+    if settings.pipeline == "celery":
+        from workers.celery_app import api_from_env
+
+        return api_from_env()
     from service.app import create_app
 
-    settings = Settings()
     return create_app(settings, analyzer=build_analyzer(settings))

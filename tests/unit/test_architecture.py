@@ -30,6 +30,8 @@ ALLOWED = {
         "jwt",
         "cryptography",
         "psycopg",
+        "prometheus_client",
+        "dicomweb_client",
     },
     "models": {"core", "adapters", "models", "torch", "monai", "transformers", "peft", "numpy", "scipy"},
     "service": {
@@ -44,6 +46,8 @@ ALLOWED = {
         "numpy",
         "fhir",
         "jwt",
+        "sqlalchemy",  # service.users: accounts and sessions in the store's database
+        "argon2",  # password hashing
     },
     # fixtures also start the real services the integration tests talk to
     "fixtures": {
