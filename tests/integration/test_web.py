@@ -5,19 +5,23 @@ prior studies (the latest prior report carrying an XSS payload in its text); the
 real by ``PipelineAnalyzer`` with the generator's label maps (``TruthSegmenter``), published to the EHR and
 its artifacts kept for the evidence images. Then people use the pages: two radiologists edit the same draft
 (the second save is refused), one reviews the evidence, rejects a finding, edits and signs; a clinician sees
-the course and cannot sign; a radiologist of another site sees nothing.
+the course and cannot sign; a radiologist of another site sees nothing. Sending a signature to the EHR again
+(after it refused or lost its reply) is driven without the browser (TestClient, SQLite), against the same
+FHIR stand-in.
 
 Screenshots of every step land in ``out/test-artifacts/web/`` (gitignored).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +31,15 @@ import psycopg
 import pydicom
 import pytest
 import uvicorn
+from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from adapters import fhir_codes as C
-from adapters.fhir_client import RetryPolicy
-from adapters.fhir_publish import OBSERVATION_ID_SYSTEM
+from adapters.evidence import report_text
+from adapters.fhir_client import FhirClient, RetryPolicy
+from adapters.fhir_publish import EHR_REPORT_SYSTEM, OBSERVATION_ID_SYSTEM, SITE_EXTENSION, sign_report
 from adapters.image_folder import FolderImageSource
+from adapters.resource_store import ResourceStore
 from adapters.settings import Settings
 from core.report import ReportText
 from fixtures.ehr import seed
@@ -43,6 +50,7 @@ from service.app import create_app
 from service.auth import mint_token
 from service.jobs import TASK_CODE_ANALYZE, TASK_CODE_SYSTEM
 from service.users import UserStore
+from service.web import USER_SYSTEM
 from workers.analysis import EhrConnection, PipelineAnalyzer
 
 pytestmark = pytest.mark.integration
@@ -389,3 +397,175 @@ def test_report_text_from_the_model_is_escaped_too(stack: Stack) -> None:
         client.post("/login", data={"username": "clin", "password": PASSWORD, "csrf_token": csrf.group(1)})
         html = client.get(f"/patients/{_report(stack)['subject']['reference'].split('/')[1]}").text
     assert "<script>window.__xss" not in html and "&lt;script&gt;window.__xss=1&lt;/script&gt;" in html
+
+
+# --- sending a signature again ----------------------------------------------------------------------
+
+
+@dataclass
+class SignedWhileDown:
+    """A report signed in Interval while the EHR refused every request: recorded as failed, send-again shown."""
+
+    client: TestClient
+    store: ResourceStore
+    ehr_url: str
+    report_id: str
+    ehr_report: str  # "DiagnosticReport/<id>" at the EHR, still preliminary there
+    page: str  # the report page after signing
+
+
+def _ehr_provenances(ehr_url: str, ehr_report: str) -> int:
+    found = httpx.get(f"{ehr_url}/Provenance", params={"target": ehr_report}).json()
+    return len(found.get("entry") or [])
+
+
+@pytest.fixture
+def signed_while_down(fhir_server: FhirStandin, tmp_path: Path) -> Iterator[SignedWhileDown]:
+    fhir_server.reset()
+    ehr_url = fhir_server.base_url
+    patient = httpx.post(f"{ehr_url}/Patient", json={"resourceType": "Patient"}).json()
+    draft = ReportText("CT of 2024-01-02.", "Liver lesion L1 is stable.", "RECIST 1.1: stable disease (SD).")
+    form = [{"contentType": "text/plain", "data": base64.b64encode(draft.as_text().encode()).decode()}]
+    at_ehr = httpx.post(
+        f"{ehr_url}/DiagnosticReport",
+        json={
+            "resourceType": "DiagnosticReport",
+            "status": "preliminary",
+            "code": {"text": "CT follow-up"},
+            "subject": {"reference": f"Patient/{patient['id']}"},
+            "presentedForm": form,
+        },
+    ).json()
+    ehr_report = f"DiagnosticReport/{at_ehr['id']}"
+    settings = Settings(
+        environment="test",
+        database_url=f"sqlite:///{tmp_path / 'interval.db'}",
+        artifacts_dir=tmp_path / "artifacts",
+        ehr_base_url=ehr_url,
+        ehr_retry_attempts=1,
+        web_station_sites={"CT01": "north"},
+    )
+    store = ResourceStore(settings.database_url)
+    users = UserStore(settings.database_url)
+    users.add_user("rad", PASSWORD, role="radiologist", sites=["north"], display_name="Dr Rad")
+    report_id = store.create(
+        {
+            "resourceType": "DiagnosticReport",
+            "extension": [{"url": SITE_EXTENSION, "valueString": "CT01"}],
+            "identifier": [{"system": EHR_REPORT_SYSTEM, "value": f"{ehr_url}/{ehr_report}"}],
+            "status": "preliminary",
+            "code": {"text": "CT follow-up"},
+            "subject": {"reference": f"Patient/{patient['id']}"},
+            "effectiveDateTime": "2024-03-04",
+            "conclusion": draft.impression,
+            "presentedForm": form,
+        }
+    )["id"]
+    try:
+        with TestClient(create_app(settings, store=store, users=users)) as client:
+            login = client.get("/login")
+            client.post(
+                "/login", data={"username": "rad", "password": PASSWORD, "csrf_token": _csrf(login.text)}
+            )
+            editor = client.get(f"/reports/{report_id}").text
+            version = re.search(r'name="version" value="(\d+)"', editor)
+            assert version is not None
+            signed = {
+                "csrf_token": _csrf(editor),
+                "version": version.group(1),
+                "comparison": draft.comparison,
+                "findings": "Segment VII liver lesion L1 is stable.",
+                "impression": draft.impression,
+            }
+            fhir_server.control.fail(503, count=50)
+            page = client.post(f"/reports/{report_id}/sign", data=signed)
+            fhir_server.reset()
+            assert page.status_code == 200 and "Report signed." in page.text
+            assert 'data-testid="ehr-status">failed:' in page.text
+            assert "Send the signature to the EHR again" in page.text
+            assert httpx.get(f"{ehr_url}/{ehr_report}").json()["status"] == "preliminary"
+            yield SignedWhileDown(client, store, ehr_url, str(report_id), ehr_report, page.text)
+    finally:
+        fhir_server.reset()
+        users.close()
+
+
+def _csrf(html: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+def test_sending_again_signs_the_report_the_ehr_did_not_get(signed_while_down: SignedWhileDown) -> None:
+    s = signed_while_down
+    page = s.client.post(f"/reports/{s.report_id}/resend", data={"csrf_token": _csrf(s.page)})
+    assert page.status_code == 200
+    assert 'data-testid="ehr-status">sent</span>' in page.text
+    assert "Send the signature to the EHR again" not in page.text
+    at_ehr = httpx.get(f"{s.ehr_url}/{s.ehr_report}").json()
+    assert at_ehr["status"] == "final" and at_ehr["resultsInterpreter"][0]["display"] == "Dr Rad"
+    assert _text(at_ehr).findings == "Segment VII liver lesion L1 is stable."
+    assert _ehr_provenances(s.ehr_url, s.ehr_report) == 1
+
+
+def test_sending_again_writes_nothing_when_the_ehr_took_the_signature_but_its_reply_was_lost(
+    signed_while_down: SignedWhileDown,
+) -> None:
+    s = signed_while_down
+    # the first signature did reach the EHR (its reply never came back): the EHR holds it as sign_report
+    # writes it, signed by the same radiologist with the text signed in Interval
+    signed_text = report_text(s.store.read("DiagnosticReport", s.report_id))
+    practitioner = httpx.post(
+        f"{s.ehr_url}/Practitioner",
+        json={"resourceType": "Practitioner", "identifier": [{"system": USER_SYSTEM, "value": "rad"}]},
+    ).json()
+
+    async def arrive() -> None:
+        async with FhirClient(s.ehr_url, retry=FAST) as ehr:
+            await sign_report(
+                ehr,
+                s.ehr_report,
+                practitioner_ref=f"Practitioner/{practitioner['id']}",
+                practitioner_display="Dr Rad",
+                text=signed_text,
+            )
+
+    with ThreadPoolExecutor(1) as pool:  # Playwright's sync API may keep an event loop running in this thread
+        pool.submit(asyncio.run, arrive()).result()
+    before = httpx.get(f"{s.ehr_url}/{s.ehr_report}").json()
+    assert before["status"] == "final"
+    provenances = _ehr_provenances(s.ehr_url, s.ehr_report)
+
+    page = s.client.post(f"/reports/{s.report_id}/resend", data={"csrf_token": _csrf(s.page)})
+    after = httpx.get(f"{s.ehr_url}/{s.ehr_report}").json()
+    assert after["status"] == "final"  # not "amended" by its own signature
+    assert after["meta"]["versionId"] == before["meta"]["versionId"]
+    assert _ehr_provenances(s.ehr_url, s.ehr_report) == provenances
+    assert page.status_code == 200
+    assert 'data-testid="ehr-status">sent (the EHR already had this signature)</span>' in page.text
+    assert "Send the signature to the EHR again" not in page.text
+
+
+def test_sending_again_an_amendment_that_kept_the_text_still_amends(
+    signed_while_down: SignedWhileDown, fhir_server: FhirStandin
+) -> None:
+    s = signed_while_down
+    s.client.post(f"/reports/{s.report_id}/resend", data={"csrf_token": _csrf(s.page)})
+    assert httpx.get(f"{s.ehr_url}/{s.ehr_report}").json()["status"] == "final"
+    # amended without changing the text while the EHR is down: the EHR holds the same text, but as "final"
+    editor = s.client.get(f"/reports/{s.report_id}").text
+    version = re.search(r'name="version" value="(\d+)"', editor)
+    assert version is not None
+    text = report_text(s.store.read("DiagnosticReport", s.report_id))
+    same = {"comparison": text.comparison, "findings": text.findings, "impression": text.impression}
+    fhir_server.control.fail(503, count=50)
+    page = s.client.post(
+        f"/reports/{s.report_id}/sign",
+        data={"csrf_token": _csrf(editor), "version": version.group(1), **same},
+    )
+    fhir_server.reset()
+    assert "Report amended." in page.text and 'data-testid="ehr-status">failed:' in page.text
+    again = s.client.post(f"/reports/{s.report_id}/resend", data={"csrf_token": _csrf(page.text)})
+    assert 'data-testid="ehr-status">sent</span>' in again.text
+    at_ehr = httpx.get(f"{s.ehr_url}/{s.ehr_report}").json()
+    assert at_ehr["status"] == "amended" and _text(at_ehr) == text
