@@ -236,7 +236,7 @@ def parse_priors_bundle(raw: Any, patient_id: str | None = None) -> tuple[str, l
 
 
 # Required bindings that fhir.resources does not enforce (it checks datatypes, not value sets).
-_REQUIRED_STATUS = {
+REQUIRED_STATUS = {
     "Observation": {
         "registered",
         "preliminary",
@@ -270,7 +270,7 @@ def _check_required_codes(bundle: Bundle) -> None:
         if res is None:
             continue
         res_any: Any = res
-        allowed = _REQUIRED_STATUS.get(res.get_resource_type())
+        allowed = REQUIRED_STATUS.get(res.get_resource_type())
         if allowed is not None and getattr(res_any, "status", None) not in allowed:
             raise InvalidPriorsError(
                 f"priors Bundle does not validate as FHIR R4: entry[{n}] {res.get_resource_type()}.status "

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse
 from starlette.routing import Match, Route
 
+from adapters.fhir_priors import REQUIRED_STATUS
 from adapters.fhir_search import COMMON_PARAMS, SEARCH_PARAMS, Query, parse_query
 from adapters.fhir_validation import (
     InvalidResourceError,
@@ -86,20 +87,7 @@ log = logging.getLogger("interval.service")
 
 _ETAG_PATTERN = r'^(W/)?"[0-9]{1,9}"$'
 _JSON_MEDIA = ("application/fhir+json", "application/json", "application/json+fhir")
-REPORT_STATUSES = frozenset(
-    {
-        "registered",
-        "partial",
-        "preliminary",
-        "final",
-        "amended",
-        "corrected",
-        "appended",
-        "cancelled",
-        "entered-in-error",
-        "unknown",
-    }
-)
+REPORT_STATUSES = frozenset(REQUIRED_STATUS["DiagnosticReport"])  # the one value set, kept with the reader
 
 
 def _software_version() -> str:
