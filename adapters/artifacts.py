@@ -5,6 +5,9 @@
 ``<root>/<StudyInstanceUID>/segmentation.npz``  ``labels`` (uint8, [k, j, i]) and ``lesion_probability``
 (float16), with the volume's geometry, so evidence images (key slice + contour) can be drawn later
 without running the model again.
+
+``ReusingSegmenter`` puts those label maps to a second use: a prior study that this site analysed before (same
+series, same geometry, same model version) is not segmented again when a follow-up is compared with it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import numpy as np
 from adapters.report_json import result_to_json
 from core.errors import InputError
 from core.pipeline import StudyResult
+from core.ports import Segmenter
+from core.types import Segmentation, Volume
 
-__all__ = ["load_artifacts", "save_artifacts", "study_dir"]
+__all__ = ["ReusingSegmenter", "load_artifacts", "save_artifacts", "study_dir"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -84,3 +89,51 @@ def load_artifacts(root: Path, study_uid: str) -> tuple[dict[str, Any], dict[str
         return report, None
     with np.load(seg_path) as z:
         return report, {k: z[k] for k in z.files}
+
+
+class ReusingSegmenter:
+    """A ``Segmenter`` that returns the stored label map of a study analysed before by the same model.
+
+    The stored one is used only when ``report.json`` names the same model version and series and the stored
+    geometry (shape, spacing, origin, direction) equals the volume's; anything else, or an unreadable file,
+    falls through to the model. ``reused`` counts the hits (for logs and tests)."""
+
+    def __init__(self, inner: Segmenter, root: Path) -> None:
+        self.inner, self.root = inner, root
+        self.reused = 0
+
+    @property
+    def model_version(self) -> str:
+        return self.inner.model_version
+
+    def segment(self, volume: Volume) -> Segmentation:
+        stored = self._stored(volume)
+        if stored is not None:
+            self.reused += 1
+            return stored
+        return self.inner.segment(volume)
+
+    def _stored(self, volume: Volume) -> Segmentation | None:
+        acq = volume.acquisition
+        if acq is None:
+            return None
+        try:
+            report, arrays = load_artifacts(self.root, acq.study_uid)
+        except (FileNotFoundError, InputError, ValueError, OSError):
+            return None
+        if arrays is None or report.get("model_version") != self.inner.model_version:
+            return None
+        if (report.get("study") or {}).get("series_uid") != acq.series_uid:
+            return None
+        same = (
+            arrays["labels"].shape == volume.shape
+            and np.allclose(arrays["spacing_kji_mm"], volume.spacing_kji_mm, atol=1e-4)
+            and np.allclose(arrays["origin_lps_mm"], volume.origin_lps_mm, atol=1e-3)
+            and np.allclose(arrays["direction_lps"], volume.direction_lps, atol=1e-5)
+        )
+        if not same:
+            return None
+        return Segmentation(
+            labels=arrays["labels"].astype(np.uint8),
+            lesion_probability=arrays["lesion_probability"].astype(np.float32),
+        )

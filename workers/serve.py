@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from adapters.artifacts import ReusingSegmenter
 from adapters.dicomweb import DicomWebClient, DicomWebImageSource
 from adapters.fhir_client import RetryPolicy, SmartBackendAuth
 from adapters.image_folder import FolderImageSource
@@ -72,7 +73,7 @@ def build_analyzer(
         from models.segmentation.inference import MonaiSegmenter
 
         torch.set_num_threads(1)
-        segmenter = MonaiSegmenter(settings.segmenter_weights)
+        segmenter = ReusingSegmenter(MonaiSegmenter(settings.segmenter_weights), settings.artifacts_dir)
     pacs = images.client if isinstance(images, DicomWebImageSource) else pacs_client(settings)
     return PipelineAnalyzer(
         images=images if images is not None else image_source(settings, pacs),

@@ -485,6 +485,13 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     result: dict[str, Any] = {"machine": machine(), "date": dt.date.today().isoformat()}
+    if (args.skip_throughput or args.skip_latency) and args.out.exists():  # keep the part not re-run
+        before = json.loads(args.out.read_text())
+        skipped = ("throughput", "throughput_ratio_2_vs_1") if args.skip_throughput else ("latency",)
+        for key in skipped:
+            if key in before:
+                result[key] = before[key]
+                result.setdefault("kept_from_earlier_run", {})[key] = before.get("date")
     small = cohort(args.data / f"m{SMALL.matrix}-s{SMALL.seed}", args.studies + 2, SMALL)
     warm, measured = small[:2], small[2:]
     large = None if args.skip_latency else cohort(args.data / f"m{LARGE.matrix}-s{LARGE.seed}", 1, LARGE)[0]

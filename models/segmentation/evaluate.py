@@ -27,7 +27,7 @@ from core.lesions import LesionFilter, extract_lesions
 from core.pipeline import analyze_study
 from core.types import LabelId, Segmentation, Volume
 from fixtures.synth.demo import compare_with_truth, measurement_ok
-from models.segmentation.inference import DEFAULT_WEIGHTS, MonaiSegmenter
+from models.segmentation.inference import DEFAULT_WEIGHTS, OVERLAP, ROI_KJI, MonaiSegmenter
 
 
 class CachedSegmenter:
@@ -108,8 +108,10 @@ def main() -> None:
     ap.add_argument("--cohort", type=Path, required=True)
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--out", type=Path, default=Path("models/weights/metrics.json"))
+    ap.add_argument("--roi", type=lambda v: tuple(int(x) for x in v.split(",")), default=ROI_KJI)
+    ap.add_argument("--overlap", type=float, default=OVERLAP)
     args = ap.parse_args()
-    seg = CachedSegmenter(MonaiSegmenter(args.weights))
+    seg = CachedSegmenter(MonaiSegmenter(args.weights, roi_kji=args.roi, overlap=args.overlap))
     keep = LesionFilter()
     found: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # key -> [found, total]
     diam_err: dict[str, list[tuple[float, float]]] = defaultdict(list)  # (truth, measured)
