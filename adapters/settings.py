@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     # (a worker killed mid-task); kombu 5.6 alone does it at worker start and then every ~100 s
     unacked_restore_interval_s: float = 30.0
     unacked_restore_limit: int = 100  # at most this many per pass
+    # workers publish task events (started, succeeded, failed, retried) so that Flower (`interval flower`)
+    # shows every task; the events carry task ids and Celery arguments, which are ids and URIs, never PHI
+    task_events: bool = True
+    # "user:password" that Flower asks for (its HTTP API refuses unauthenticated calls); unset: Flower refuses
+    # to start unless given --no-auth for a loopback-only address
+    flower_basic_auth: str | None = None
     # Where studies are retrieved from when the image source is a PACS (DICOMweb); unset: image_roots
     pacs_dicomweb_url: str | None = None
     image_cache_dir: Path = Path("cache/studies")

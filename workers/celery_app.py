@@ -178,7 +178,8 @@ def create_celery(settings: Settings) -> IntervalCelery:
         task_publish_retry=True,
         task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         worker_cancel_long_running_tasks_on_connection_loss=False,  # a task running through a Redis restart ends
-        worker_send_task_events=False,
+        worker_send_task_events=settings.task_events,  # for Flower
+        task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=True,
         worker_task_log_format=(
             "[%(asctime)s: %(levelname)s/%(processName)s] %(task_name)s[%(task_id)s]: %(message)s"

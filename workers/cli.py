@@ -426,6 +426,37 @@ def worker(
 
 
 @app.command()
+def flower(
+    address: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 5555,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Serve without a password (only on a loopback address).")
+    ] = False,
+) -> None:
+    """Run Flower, Celery's monitor, on the pipeline's broker: workers, queues, every task and its retries.
+    The password comes from INTERVAL_FLOWER_BASIC_AUTH ("user:password")."""
+    with _user_errors():
+        from adapters.settings import Settings
+        from workers.celery_app import app as celery_app
+
+        settings = Settings()
+        argv = ["flower", f"--address={address}", f"--port={port}", "--purge_offline_workers=300"]
+        if settings.flower_basic_auth:
+            if ":" not in settings.flower_basic_auth:
+                raise InputError('INTERVAL_FLOWER_BASIC_AUTH must be "user:password"')
+            argv.append(f"--basic-auth={settings.flower_basic_auth}")
+        elif not no_auth:
+            raise InputError("set INTERVAL_FLOWER_BASIC_AUTH (user:password), or pass --no-auth on loopback")
+        elif address not in ("127.0.0.1", "::1", "localhost"):
+            raise InputError(f"--no-auth serves only a loopback address, not {address!r}")
+        else:
+            os.environ["FLOWER_UNAUTHENTICATED_API"] = "true"
+        code = celery_app.start(argv=argv)
+        if code:
+            raise typer.Exit(int(code))
+
+
+@app.command()
 def token(
     client: Annotated[str, typer.Argument(help="Client id the token is issued to (its 'sub').")],
     scope: Annotated[

@@ -41,7 +41,14 @@ from fixtures.synth.cohort import CohortOptions, PatientTruth, make_patient
 from service.app import create_app
 from service.auth import mint_token
 from service.jobs import TASK_CODE_SYSTEM, AnalysisRequest
-from workers.celery_app import TRUTH_MODEL_VERSION, CeleryRunner, api_model_version, create_celery
+from workers.celery_app import (
+    ANALYZE,
+    INGEST,
+    TRUTH_MODEL_VERSION,
+    CeleryRunner,
+    api_model_version,
+    create_celery,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -513,3 +520,63 @@ def test_the_api_keys_tasks_with_the_model_version_the_imaging_workers_load() ->
 
     settings = Settings(environment="test")
     assert api_model_version(settings) == MonaiSegmenter(settings.segmenter_weights).model_version
+
+
+def test_flower_shows_the_workers_and_every_pipeline_task(
+    pipeline: Pipeline, cohort: tuple[Path, list[PatientTruth]]
+) -> None:
+    """`interval flower` on the pipeline's broker: it asks for its password, lists the running worker, and
+    shows the study's ingest and analysis tasks as they finish (workers publish task events)."""
+    from fixtures.services import free_port
+
+    port = free_port()
+    env = {**pipeline.env, "INTERVAL_FLOWER_BASIC_AUTH": "ops:flower-test-password"}
+    log_path = pipeline.folder / "flower.log"
+    with log_path.open("wb") as out:
+        flower = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "flower", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    auth = ("ops", "flower-test-password")
+    try:
+        worker = pipeline.start_worker(concurrency=1)
+
+        def workers() -> dict[str, Any] | None:
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(f"{base}/api/workers", params={"refresh": "1"}, auth=auth, timeout=10)
+                if r.status_code == 200 and r.json():
+                    return dict(r.json())
+            return None
+
+        seen = wait_for(workers, 60, "Flower lists the worker", lambda m: m + "\n" + log_path.read_text())
+        (name,) = seen
+        assert name.startswith("w0-")
+        assert httpx.get(f"{base}/api/workers", timeout=10).status_code == 401  # no password, no data
+
+        patient = cohort[1][0]
+        (patient_ref,) = _seed(pipeline, [patient])
+        posted = pipeline.post(patient, patient_ref)
+        assert posted.status_code == 201, posted.text
+        pipeline.wait_completed([posted.json()["id"]], 60)
+
+        def finished() -> dict[str, str] | None:
+            r = httpx.get(f"{base}/api/tasks", auth=auth, timeout=10)
+            states = {t["name"]: t["state"] for t in r.json().values() if t.get("name")}
+            return states if states.get(ANALYZE) == "SUCCESS" and states.get(INGEST) == "SUCCESS" else None
+
+        wait_for(finished, 30, "Flower shows the ingest and analyze tasks succeeded")
+        listed = httpx.get(f"{base}/api/tasks", auth=auth, timeout=10).text
+        assert patient.patient_id not in listed  # task arguments are ids and URIs
+        assert worker.alive()
+    finally:
+        flower.terminate()
+        try:
+            flower.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            flower.kill()
