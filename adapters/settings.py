@@ -28,6 +28,9 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "test", "production"] = "development"
     segmenter_weights: Path = _DEFAULT_WEIGHTS
+    # per-scanner recalibrations written by `interval calibrate` (models/segmentation/calibration.py); applied
+    # to every study whose Manufacturer / model / station they name
+    calibration_dir: Path = Path("calibrations")
     database_url: str = "sqlite:///interval.db"
     # defaults are the core's own, so that the CLI and a direct caller of analyze_study agree
     min_lesion_long_axis_mm: float = _LESIONS.min_long_axis_mm

@@ -377,6 +377,79 @@ def evaluate_tracking_cmd(
 
 
 @app.command()
+def validate(
+    cohort: Annotated[Path, typer.Argument(help="A labelled cohort ('interval synth' format).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Write the figures (and per-study records) as JSON here.")
+    ] = None,
+    vendor: Annotated[list[str] | None, typer.Option(help="Only these vendor profiles (repeatable).")] = None,
+    calibrated: Annotated[
+        bool,
+        typer.Option(help="Apply the site calibrations in INTERVAL_CALIBRATION_DIR, as the service does."),
+    ] = True,
+) -> None:
+    """Lesion sensitivity, false positives per study, Dice and diameter error, per vendor, size band and organ,
+    against the imaging targets (sensitivity >= 95% for lesions >= 10 mm, <= 0.5 FP/study, median error <= 1.5 mm)."""
+    with _user_errors(out.parent if out else None):
+        from adapters.settings import Settings
+        from models.segmentation.calibration import CalibratedSegmenter, CalibrationRegistry
+        from models.segmentation.inference import MonaiSegmenter
+        from models.segmentation.validation import markdown_table, records_json, summarize, validate_cohort
+
+        settings = Settings()
+        model = MonaiSegmenter(settings.segmenter_weights)
+        registry = CalibrationRegistry.load(settings.calibration_dir if calibrated else None)
+        segmenter = CalibratedSegmenter(model, registry)
+        records = validate_cohort(
+            cohort, segmenter, vendors=set(vendor or []) or None, progress=err_console.print
+        )
+        summary = summarize(records)
+        summary["model_version"] = model.model_version
+        summary["cohort"] = str(cohort)
+        summary["calibrations_applied"] = dict(segmenter.applied)
+        out_console.print(markdown_table(summary))
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({**summary, "studies": records_json(records)}, indent=1))
+            out.with_suffix(".md").write_text(markdown_table(summary))
+
+
+@app.command()
+def calibrate(
+    cohort: Annotated[
+        Path, typer.Argument(help="A handful of labelled studies of one site ('interval synth' format).")
+    ],
+    out_dir: Annotated[
+        Path | None, typer.Option(help="Where to write the calibrations (default INTERVAL_CALIBRATION_DIR).")
+    ] = None,
+    per_station: Annotated[
+        bool, typer.Option(help="One calibration per StationName instead of per scanner model.")
+    ] = False,
+) -> None:
+    """Fit a recalibration per scanner found in COHORT (HU offset, noise harmonisation, lesion decision bias) and
+    write it where the service applies it automatically to that scanner's studies."""
+    with _user_errors(out_dir):
+        from adapters.settings import Settings
+        from models.segmentation.calibration import file_name, fit_cohort
+        from models.segmentation.inference import MonaiSegmenter
+
+        settings = Settings()
+        folder = out_dir or settings.calibration_dir
+        fitted = fit_cohort(cohort, MonaiSegmenter(settings.segmenter_weights), per_station=per_station)
+        folder.mkdir(parents=True, exist_ok=True)
+        for cal in fitted:
+            path = folder / file_name(cal)
+            path.write_text(json.dumps(cal.to_json(), indent=1) + "\n")
+            f = cal.fitted
+            out_console.print(
+                f"{cal.scanner}: HU offset {cal.hu_offset:+.1f}, smoothing {cal.smooth_sigma_mm} mm, lesion bias "
+                f"{cal.lesion_logit_bias:+.2f}; on its {f['studies']} studies found {f['before']['found']} -> "
+                f"{f['after']['found']} of {f['after']['total']}, FP/study {f['before']['false_positives_per_study']}"
+                f" -> {f['after']['false_positives_per_study']}; wrote {path}"
+            )
+
+
+@app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,

@@ -70,10 +70,14 @@ def build_analyzer(
     if segmenter is None:
         import torch
 
+        from models.segmentation.calibration import CalibratedSegmenter, CalibrationRegistry
         from models.segmentation.inference import MonaiSegmenter
 
         torch.set_num_threads(1)
-        segmenter = ReusingSegmenter(MonaiSegmenter(settings.segmenter_weights), settings.artifacts_dir)
+        calibrated = CalibratedSegmenter(
+            MonaiSegmenter(settings.segmenter_weights), CalibrationRegistry.load(settings.calibration_dir)
+        )
+        segmenter = ReusingSegmenter(calibrated, settings.artifacts_dir)
     pacs = images.client if isinstance(images, DicomWebImageSource) else pacs_client(settings)
     return PipelineAnalyzer(
         images=images if images is not None else image_source(settings, pacs),

@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from adapters.dicom_series import load_study
 from adapters.image_folder import FolderImageSource
 from adapters.prior_bundle import BundlePriorStore
-from core.lesions import LesionFilter, extract_lesions
+from core.lesions import LesionFilter
 from core.pipeline import analyze_study
-from core.types import LabelId, Segmentation, Volume
+from core.types import Segmentation, Volume
 from fixtures.synth.demo import compare_with_truth, measurement_ok
 from models.segmentation.inference import DEFAULT_WEIGHTS, OVERLAP, ROI_KJI, MonaiSegmenter
+from models.segmentation.validation import score_study, size_band
 
 
 class CachedSegmenter:
@@ -46,10 +46,6 @@ class CachedSegmenter:
         if key not in self.cache:
             self.cache[key] = self.inner.segment(volume)
         return self.cache[key]
-
-
-def _size_band(d: float) -> str:
-    return "<10mm" if d < 10 else ("10-20mm" if d < 20 else ">=20mm")
 
 
 def _rate(num: float, den: float) -> float | None:
@@ -130,63 +126,23 @@ def main() -> None:
             vol = load_study(tp_dir / "dicom")
             s = seg.segment(vol)
             inst = np.load(tp_dir / "truth_labels.npz")["instances"]
-            pred = s.labels == LabelId.LESION
-            dice_num += 2.0 * float((pred & (inst > 0)).sum())
-            dice_den += float(pred.sum() + (inst > 0).sum())
-            lesions = extract_lesions(vol, s, keep)
-            comps, _ = ndimage.label(pred, structure=np.ones((3, 3, 3), bool))
-            kept_ids: set[int] = set()
-            for les in lesions:  # map each kept lesion to its component via its centroid slice
-                kji = np.rint(vol.lps_to_kji(les.centroid_lps_mm)).astype(int)
-                kji = np.clip(kji, 0, np.array(vol.shape) - 1)
-                cid = comps[tuple(kji)]
-                if cid == 0:  # centroid outside a concave component: take the nearest voxel
-                    pts = np.argwhere(comps > 0)
-                    cid = comps[tuple(pts[np.argmin(((pts - kji) ** 2).sum(1))])]
-                kept_ids.add(int(cid))
-            kept_mask = np.isin(comps, list(kept_ids))
-            n_fp = 0
-            for cid in kept_ids:
-                if not (inst[comps == cid] > 0).any():
-                    n_fp += 1
+            n_fp, overlap, total, records = score_study(vol, s, truth, inst, keep)
+            dice_num += overlap
+            dice_den += total
             fp[vendor].append(n_fp)
             fp["all"].append(n_fp)
-            for row in truth["lesions"]:
-                if not row["present"] or row["voxels"] == 0:
-                    continue
-                d = row["short_axis_mm"] if row["organ"] == "lymph_node" else row["long_axis_mm"]
-                hit = bool(kept_mask[inst == row["instance"]].any())
-                for key in ("all", f"vendor:{vendor}", f"organ:{row['organ']}", f"size:{_size_band(d)}"):
+            for rec in records:
+                for key in (
+                    "all",
+                    f"vendor:{vendor}",
+                    f"organ:{rec.organ}",
+                    f"size:{size_band(rec.diameter_mm)}",
+                ):
                     found[key][1] += 1
-                    found[key][0] += int(hit)
-                if hit:
-                    overl = comps[(inst == row["instance"]) & kept_mask]
-                    cid = int(np.bincount(overl).argmax())
-                    match = next(
-                        (
-                            les
-                            for les in lesions
-                            if comps[
-                                tuple(
-                                    np.clip(
-                                        np.rint(vol.lps_to_kji(les.centroid_lps_mm)).astype(int),
-                                        0,
-                                        np.array(vol.shape) - 1,
-                                    )
-                                )
-                            ]
-                            == cid
-                        ),
-                        None,
-                    )
-                    if match is not None:
-                        got = (
-                            match.measurement.short_axis_mm
-                            if row["organ"] == "lymph_node"
-                            else match.measurement.long_axis_mm
-                        )
-                        diam_err["all"].append((d, got))
-                        diam_err[f"organ:{row['organ']}"].append((d, got))
+                    found[key][0] += int(rec.found)
+                if rec.measured_mm is not None:
+                    diam_err["all"].append((rec.diameter_mm, rec.measured_mm))
+                    diam_err[f"organ:{rec.organ}"].append((rec.diameter_mm, rec.measured_mm))
             if tp["time_point"] > 0:
                 result = analyze_study(
                     str(tp_dir / "dicom"),

@@ -42,6 +42,7 @@ __all__ = [
     "ROI_KJI",
     "WORKING_SPACING_KJI_MM",
     "MonaiSegmenter",
+    "to_segmentation",
     "working_shape",
 ]
 
@@ -124,12 +125,25 @@ class MonaiSegmenter:
         assert isinstance(logits, torch.Tensor)
         return torch.softmax(logits, dim=1)[0].float().cpu().numpy()
 
-    def segment(self, volume: Volume) -> Segmentation:
-        prob = self.probabilities(volume)
-        if prob.shape[1:] == volume.shape:
-            labels = np.argmax(prob, axis=0).astype(np.uint8)
-            return Segmentation(labels=labels, lesion_probability=prob[LabelId.LESION].astype(np.float32))
-        return _to_native(prob, volume.shape)
+    def segment(self, volume: Volume, lesion_logit_bias: float = 0.0) -> Segmentation:
+        """Labels and lesion probability on the volume's grid; ``lesion_logit_bias`` (a site calibration)
+        is added to the lesion logit before the decision."""
+        return to_segmentation(self.probabilities(volume), volume.shape, lesion_logit_bias)
+
+
+def to_segmentation(
+    prob: npt.NDArray[np.float32], native: tuple[int, int, int], lesion_logit_bias: float = 0.0
+) -> Segmentation:
+    """Class probabilities on the working grid -> ``Segmentation`` on the native grid. A logit bias ``b`` on the
+    lesion class multiplies its probability by ``exp(b)`` before renormalising (softmax of shifted logits)."""
+    if lesion_logit_bias:
+        prob = prob.copy()
+        prob[LabelId.LESION] *= np.float32(np.exp(lesion_logit_bias))
+        prob /= prob.sum(axis=0, keepdims=True)
+    if prob.shape[1:] == native:
+        labels = np.argmax(prob, axis=0).astype(np.uint8)
+        return Segmentation(labels=labels, lesion_probability=prob[LabelId.LESION].astype(np.float32))
+    return _to_native(prob, native)
 
 
 def _nearest_index(n_native: int, n_work: int) -> npt.NDArray[np.intp]:
