@@ -203,12 +203,16 @@ def summarize(records: list[StudyRecord]) -> dict[str, Any]:
             "median_abs_diameter_error_mm": whole.get("median_abs_diameter_error_mm"),
             "lesion_dice": whole.get("lesion_dice"),
         }
-        row["meets_targets"] = {
-            "sensitivity_ge10mm": (row["sensitivity_ge10mm"] or 0.0) >= TARGETS["sensitivity_ge10mm"],
-            "false_positives_per_study": (row["false_positives_per_study"] or 0.0)
-            <= TARGETS["false_positives_per_study"],
-            "median_abs_diameter_error_mm": (row["median_abs_diameter_error_mm"] or 0.0)
-            <= TARGETS["median_abs_diameter_error_mm"],
+        sens, fp, err = (
+            row["sensitivity_ge10mm"],
+            row["false_positives_per_study"],
+            row["median_abs_diameter_error_mm"],
+        )
+        row["meets_targets"] = {  # nothing measured is not a target met
+            "sensitivity_ge10mm": sens is not None and sens >= TARGETS["sensitivity_ge10mm"],
+            "false_positives_per_study": fp is not None and fp <= TARGETS["false_positives_per_study"],
+            "median_abs_diameter_error_mm": err is not None
+            and err <= TARGETS["median_abs_diameter_error_mm"],
         }
         per_vendor[vendor] = row
     return {"targets": TARGETS, "per_vendor": per_vendor, "groups": groups}

@@ -141,3 +141,25 @@ def test_summary_flags_each_vendor_against_the_targets():
     assert not uih["meets_targets"]["false_positives_per_study"]
     assert not uih["meets_targets"]["median_abs_diameter_error_mm"]
     assert s["groups"]["size:<10mm"]["total"] == 1
+
+
+def test_model_card_is_written_from_the_measured_figures_and_names_missed_targets():
+    from pathlib import Path
+
+    from models.segmentation.model_card import render_model_card
+
+    weights = Path(__file__).resolve().parents[2] / "models" / "weights"
+    config = json.loads((weights / "train_config.json").read_text())
+    records = [
+        StudyRecord("P", "t0", "ge", "x", 0, 1.0, 2.0, [LesionRecord("liver", 15.0, True, 15.4)]),
+        StudyRecord("P", "t0", "uih", "x", 3, 1.0, 2.0, [LesionRecord("lung", 12.0, False, None)]),
+    ]
+    validation = {**summarize(records), "model_version": "interval-seg-unet-abc", "cohort": "data/test"}
+    card = render_model_card(config, validation, unseen={"after calibration": validation})
+    assert "`interval-seg-unet-abc`" in card
+    assert "| ge | 1 | 100.0% (1/1) |" in card
+    assert "| uih | 1 | 0.0% (0/1) |" in card
+    assert (
+        "uih (sensitivity_ge10mm, false_positives_per_study, median_abs_diameter_error_mm)" in card
+    )  # named under known limits
+    assert "after calibration" in card and "Intended use" in card and "Human oversight" in card
