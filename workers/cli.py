@@ -415,6 +415,56 @@ def validate(
 
 
 @app.command()
+def audit(
+    cohort: Annotated[
+        Path, typer.Argument(help="A labelled cohort with patient sex, age band and body size.")
+    ],
+    records: Annotated[
+        Path | None,
+        typer.Option(help="Reuse the per-study records of an 'interval validate --out' JSON (no model run)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the audit as JSON (and Markdown beside it).")
+    ] = None,
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples (of patients).")] = 1000,
+) -> None:
+    """Sensitivity, false positives and measurement error per sex, age band, body size and vendor, with bootstrap
+    confidence intervals; subgroups served clearly worse than the rest are flagged."""
+    with _user_errors(out.parent if out else None):
+        from models.segmentation.audit import audit as run_audit
+        from models.segmentation.validation import StudyRecord
+
+        if records is not None:
+            studies = [StudyRecord.from_json(d) for d in json.loads(records.read_text())["studies"]]
+        else:
+            from adapters.settings import Settings
+            from models.segmentation.calibration import CalibratedSegmenter, CalibrationRegistry
+            from models.segmentation.inference import MonaiSegmenter
+            from models.segmentation.validation import validate_cohort
+
+            settings = Settings()
+            segmenter = CalibratedSegmenter(
+                MonaiSegmenter(settings.segmenter_weights), CalibrationRegistry.load(settings.calibration_dir)
+            )
+            studies = validate_cohort(cohort, segmenter, progress=err_console.print)
+        result = run_audit(studies, n_boot=resamples)
+        result["cohort"] = str(cohort)
+        out_console.print(result["markdown"])
+        flagged = result["flagged"]
+        out_console.print(
+            "flagged: "
+            + (
+                "; ".join(f"{f['attribute']}={f['value']} ({', '.join(f['metrics'])})" for f in flagged)
+                or "none"
+            )
+        )
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1))
+            out.with_suffix(".md").write_text(result["markdown"])
+
+
+@app.command()
 def calibrate(
     cohort: Annotated[
         Path, typer.Argument(help="A handful of labelled studies of one site ('interval synth' format).")

@@ -63,6 +63,11 @@ class StudyRecord:
     dice_overlap: float  # 2 |A and B|
     dice_total: float  # |A| + |B|
     lesions: list[LesionRecord] = field(default_factory=list)
+    subgroups: dict[str, str] = field(default_factory=dict)  # sex, age band, body size, vendor (for audits)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StudyRecord:
+        return cls(**{**d, "lesions": [LesionRecord(**r) for r in d["lesions"]]})
 
 
 def size_band(diameter_mm: float) -> str:
@@ -137,9 +142,23 @@ def validate_cohort(
         fp, overlap, total, lesions = score_study(volume, seg, truth, instances, keep)
         acq = volume.acquisition
         scanner = f"{acq.manufacturer} / {acq.model_name} / {acq.station_name}" if acq else "unknown"
+        groups = {
+            "sex": meta.get("sex"),
+            "age_band": meta.get("age_band"),
+            "body_size": meta.get("body_size"),
+        }
+        groups = {k: str(v) for k, v in groups.items() if v is not None} | {"vendor": meta["vendor"]["key"]}
         out.append(
             StudyRecord(
-                meta["patient_id"], folder.name, meta["vendor"]["key"], scanner, fp, overlap, total, lesions
+                meta["patient_id"],
+                folder.name,
+                meta["vendor"]["key"],
+                scanner,
+                fp,
+                overlap,
+                total,
+                lesions,
+                groups,
             )
         )
         if progress is not None:

@@ -3,6 +3,7 @@ lesion decision bias, and the per-vendor table against the imaging targets."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 
@@ -163,3 +164,26 @@ def test_model_card_is_written_from_the_measured_figures_and_names_missed_target
         "uih (sensitivity_ge10mm, false_positives_per_study, median_abs_diameter_error_mm)" in card
     )  # named under known limits
     assert "after calibration" in card and "Intended use" in card and "Human oversight" in card
+
+
+def test_audit_flags_the_subgroup_served_worse_and_not_the_others():
+    from models.segmentation.audit import audit
+
+    rng = np.random.default_rng(3)
+    records = []
+    for i in range(40):
+        size = ("small", "medium", "large")[i % 3]
+        sex = "F" if i % 2 else "M"
+        p_find = 0.55 if size == "large" else 0.97
+        lesions = [LesionRecord("liver", 15.0, bool(rng.random() < p_find), 15.2) for _ in range(6)]
+        subgroups = {"sex": sex, "body_size": size, "age_band": "50-69", "vendor": "ge"}
+        records.append(StudyRecord(f"P{i}", "t0", "ge", "x", 0, 1.0, 2.0, lesions, subgroups))
+    result = audit(records, n_boot=300)
+    assert {(f["attribute"], f["value"]) for f in result["flagged"]} == {("body_size", "large")}
+    large = next(r for r in result["rows"] if r["value"] == "large")
+    m = large["metrics"]["sensitivity"]
+    assert m["ci95"][0] <= m["value"] <= m["ci95"][1] and m["gap"] < -0.1 and m["gap_ci95"][1] < 0
+    assert all(r["attribute"] != "age_band" for r in result["rows"])  # one value: nothing to compare
+    assert "| body_size | large |" in result["markdown"]
+    again = StudyRecord.from_json(dataclasses.asdict(records[0]))
+    assert again == records[0]
