@@ -8,8 +8,12 @@ undoes the first two on the input and re-centres the third on the output:
    holds the reference, measured on the training cohort by ``python -m models.segmentation.calibration reference``);
 2. **noise harmonisation**: in-plane Gaussian smoothing, the smallest sigma that brings the site's liver noise
    (robust spread of the high-pass image) down to the training cohort's median (a sharp kernel made soft);
-3. **lesion logit bias**: added to the lesion logit before the decision; the value that finds the most lesions on
-   the labelled studies with at most ``max_fp_per_study`` false positives (ties: the smallest change).
+3. **lesion logit bias**: added to the lesion logit before the decision.
+
+Each is applied only when it helps on the site's labelled studies: the input adjustments (none; the HU offset; the
+offset and the noise harmonisation) are each combined with every bias, and the fit keeps the combination that
+finds the most lesions with at most ``max_fp_per_study`` false positives, then the fewest false positives, then
+the smallest change. With nothing to gain it keeps the model as trained (an identity calibration, still recorded).
 
 ``interval calibrate COHORT`` fits one per scanner (Manufacturer / ManufacturerModelName / StationName) found in
 the labelled studies and writes it to ``INTERVAL_CALIBRATION_DIR``; ``CalibratedSegmenter`` applies it to every
@@ -211,26 +215,33 @@ def fit_site(
         if noise <= target_noise * 1.05:
             sigma = candidate
             break
-    base = SiteCalibration(acq.manufacturer, acq.model_name, None, round(offset, 1), sigma)
-    raw = [segmenter.probabilities(v) for v, _, _, _ in studies]
-    harmonised = [segmenter.probabilities(apply_intensity(v, base)) for v, _, _, _ in studies]
-    before = _score(raw, studies, 0.0, keep)
-    best: tuple[tuple[int, float], float, tuple[int, int, float]] | None = None
-    for bias in BIASES:
-        found, total, fp = _score(harmonised, studies, bias, keep)
-        if fp > max_fp_per_study:
-            continue
-        rank = (found, -abs(bias))
-        if best is None or rank > best[0]:
-            best = (rank, bias, (found, total, fp))
-    if best is None:  # no bias keeps false positives in bounds: keep the decision as trained
-        best = ((0, 0.0), 0.0, _score(harmonised, studies, 0.0, keep))
-    _, bias, after = best
+    name = (acq.manufacturer, acq.model_name, None)
+    # the input adjustments tried, simplest first: none, the HU offset, the offset and the noise harmonisation
+    options = [
+        SiteCalibration(*name),
+        SiteCalibration(*name, hu_offset=round(offset, 1)),
+        SiteCalibration(*name, hu_offset=round(offset, 1), smooth_sigma_mm=sigma),
+    ]
+    before: tuple[int, int, float] | None = None
+    best: tuple[tuple[int, float, float, int], SiteCalibration, tuple[int, int, float]] | None = None
+    for simplicity, option in enumerate(options):
+        probs = [segmenter.probabilities(apply_intensity(v, option)) for v, _, _, _ in studies]
+        for bias in BIASES:
+            found, total, fp = _score(probs, studies, bias, keep)
+            if simplicity == 0 and bias == 0.0:
+                before = (found, total, fp)
+            if fp > max_fp_per_study and bias != 0.0:
+                continue
+            # most lesions found, then fewest false positives, then the smallest change
+            rank = (found, -fp, -abs(bias), -simplicity)
+            if best is None or rank > best[0]:
+                best = (rank, replace(option, lesion_logit_bias=bias), (found, total, fp))
+    assert best is not None and before is not None
+    _, chosen, after = best
     stations = sorted({v.acquisition.station_name for v, _, _, _ in studies if v.acquisition})
     return replace(
-        base,
+        chosen,
         station_name=stations[0] if len(stations) == 1 else None,
-        lesion_logit_bias=bias,
         model_version=segmenter.model_version,
         fitted={
             "studies": len(studies),
@@ -238,6 +249,7 @@ def fit_site(
             "reference": {k: reference[k] for k in ("liver_median_hu", "liver_noise_hu")},
             "site_liver_median_hu": round(float(np.median([m for m, _ in stats])), 1),
             "site_liver_noise_hu": round(float(np.median([n for _, n in stats])), 1),
+            "noise_matched_sigma_mm": sigma,
             "before": {
                 "found": before[0],
                 "total": before[1],
