@@ -65,12 +65,30 @@ def read_header(path: Path) -> tuple[Dataset, bool] | None:
             pass
         except READ_ERRORS:
             return None
+        if not _starts_like_a_dataset(path):
+            return None
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         except READ_ERRORS:
             return None
     # force reads any bytes; only a dataset that names its SOP class is taken for DICOM
     return (ds, True) if "SOPClassUID" in ds and ds.get("SOPClassUID") else None
+
+
+def _starts_like_a_dataset(path: Path) -> bool:
+    """A file without the Part 10 header is read with ``force`` only when it opens with a group 0x0008 (or
+    0x0002) element in either byte order: ``force`` would otherwise parse any large file as DICOM."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    if len(head) < 4:
+        return False
+    return struct.unpack("<H", head[:2])[0] in (0x0002, 0x0008) or struct.unpack(">H", head[:2])[0] in (
+        0x0002,
+        0x0008,
+    )
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:

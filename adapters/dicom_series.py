@@ -183,7 +183,8 @@ def _assess(
         for p, ds in items
         if rules.accepts_sop_class(str(ds.get("Modality", "") or ""), str(ds.get("SOPClassUID", "") or ""))
     ]
-    others = [sop_class_name(_sop_class(ds)) for p, ds in items if (p, ds) not in images]
+    image_paths = {p for p, _ in images}
+    others = [sop_class_name(_sop_class(ds)) for p, ds in items if p not in image_paths]
     if not images:
         if modality not in rules.modalities:
             shown = f"modality {modality}" if modality else "no Modality"
@@ -423,34 +424,39 @@ def _grid(folder: Path, cand: _Candidate, rules: SeriesRules) -> _Grid:
 def _pixels(
     folder: Path, cand: _Candidate, grid: _Grid, forced: frozenset[Path], rules: SeriesRules
 ) -> tuple[npt.NDArray[np.float32], list[str]]:
-    """Decode every file once, rescale each frame with its own slope and intercept, keep one image per slot."""
+    """Decode every file once (and drop it after its last frame is used), rescale each frame with its own slope
+    and intercept, keep one image per slot."""
     uid = cand.series_uid
+    uses = Counter(f.path for slot in grid.slots for f in slot)
     decoded: dict[Path, npt.NDArray[np.generic]] = {}
     bad: dict[Path, BaseException] = {}
-    for path in dict.fromkeys(f.path for slot in grid.slots for f in slot):
-        try:
-            decoded[path] = decode_frames(path, path in forced)
-        except READ_ERRORS as exc:
-            bad[path] = exc
-    if bad:
-        syntaxes = sorted({_transfer_syntax(cand.headers[p]) for p in bad})
-        first = next(iter(bad.values()))
-        detail = (str(first).splitlines() or [""])[0][:240]
-        raise UnreadableDicomError(
-            f"{len(bad)} file(s) of series {uid} have pixel data that cannot be decoded ({_rel(folder, list(bad))}; "
-            f"transfer syntax {', '.join(syntaxes)}): {type(first).__name__}: {detail}. The files may be truncated, "
-            "or their compression needs a decoder that is not installed (pylibjpeg, pylibjpeg-libjpeg, "
-            "pylibjpeg-openjpeg, pyjpegls)"
-        )
-    slices: list[npt.NDArray[np.float32]] = []
+    first = grid.slots[0][0]
+    voxels = np.empty((len(grid.slots), first.rows, first.columns), dtype=np.float32)
     copies = 0
-    for slot in grid.slots:
-        images = []
+    for k, slot in enumerate(grid.slots):
+        images: list[npt.NDArray[np.float32]] = []
         for f in slot:
+            if f.path not in decoded and f.path not in bad:
+                try:
+                    decoded[f.path] = decode_frames(f.path, f.path in forced)
+                except READ_ERRORS as exc:
+                    bad[f.path] = exc
+            if f.path in bad:
+                continue
             stored = decoded[f.path][f.frame_index or 0]
+            if stored.shape != (f.rows, f.columns):
+                bad[f.path] = ValueError(
+                    f"decoded frame of {stored.shape}, header says {(f.rows, f.columns)}"
+                )
+                continue
             images.append(
                 (stored.astype(np.float64) * f.rescale_slope + f.rescale_intercept).astype(np.float32)
             )
+            uses[f.path] -= 1
+            if uses[f.path] == 0:
+                del decoded[f.path]
+        if bad:
+            continue
         for other, f in zip(images[1:], slot[1:], strict=True):
             if not np.array_equal(other, images[0]):
                 raise InvalidVolumeError(
@@ -459,11 +465,20 @@ def _pixels(
                     "positions); remove one of them"
                 )
         copies += len(slot) - 1
-        slices.append(images[0])
+        voxels[k] = images[0]
+    if bad:
+        syntaxes = sorted({_transfer_syntax(cand.headers[p]) for p in bad})
+        error = next(iter(bad.values()))
+        detail = (str(error).splitlines() or [""])[0][:240]
+        raise UnreadableDicomError(
+            f"{len(bad)} file(s) of series {uid} have pixel data that cannot be decoded ({_rel(folder, list(bad))}; "
+            f"transfer syntax {', '.join(syntaxes)}): {type(error).__name__}: {detail}. The files may be truncated, "
+            "or their compression needs a decoder that is not installed (pylibjpeg, pylibjpeg-libjpeg, "
+            "pylibjpeg-openjpeg, pyjpegls)"
+        )
     notes = (
         [f"kept one image of {copies} identical duplicate(s) at the same slice position"] if copies else []
     )
-    voxels = np.stack(slices).astype(np.float32)
     if rules.require_hu:
         np.maximum(voxels, AIR_HU, out=voxels)
     if grid.offsets_mm is not None:
