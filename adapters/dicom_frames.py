@@ -26,7 +26,16 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-__all__ = ["READ_ERRORS", "Frame", "decode_frames", "frames_of", "quiet_pydicom", "read_header"]
+__all__ = [
+    "READ_ERRORS",
+    "Frame",
+    "decode_frames",
+    "frames_of",
+    "functional_group_value",
+    "number_of_frames",
+    "quiet_pydicom",
+    "read_header",
+]
 
 # What pydicom raises on a malformed, truncated or undecodable file; caught per file and turned into an
 # Interval error that names the file (never a stack trace for the user).

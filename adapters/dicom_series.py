@@ -1,7 +1,8 @@
 """Read a CT study from a folder of DICOM files into a ``Volume``.
 
 ``read_study`` scans every file's header, gives each series a verdict under ``SeriesRules``
-(``adapters.dicom_rules``: CT, axial, not a localizer, in HU; the thinnest, then the most slices), builds the
+(``adapters.dicom_rules``: CT, axial, not a localizer, in HU; the thinnest, then the most slices; applied in
+``adapters.dicom_selection``), builds the
 volume of the preferred usable series and says what it tolerated (``IngestReport``). ``load_study`` does the
 same and logs the report. Classic single-frame and enhanced multi-frame CT are read the same way, frame by frame
 (``adapters.dicom_frames``); any transfer syntax with an installed decoder is read.
@@ -32,18 +33,21 @@ from adapters.dicom_frames import (
     READ_ERRORS,
     Frame,
     decode_frames,
-    frames_of,
     functional_group_value,
     quiet_pydicom,
     read_header,
 )
-from adapters.dicom_rules import (
-    Reason,
-    SeriesRules,
-    SeriesVerdict,
-    is_localizer,
-    obliquity_deg,
-    sop_class_name,
+from adapters.dicom_rules import Reason, SeriesRules, SeriesVerdict
+from adapters.dicom_selection import (
+    SAME_POSITION_MM,
+    Candidate,
+    assess_all,
+    assess_series,
+    gantry_tilt_deg,
+    labels,
+    preference_key,
+    unit_normal,
+    why_not_chosen,
 )
 from core.errors import InputError, InvalidVolumeError, NoSeriesFoundError, UnreadableDicomError
 from core.types import AcquisitionInfo, Volume
@@ -64,7 +68,6 @@ log = logging.getLogger("interval.adapters.ingest")
 
 DEFAULT_RULES = SeriesRules()
 AIR_HU = -1024.0
-SAME_POSITION_MM = 0.01  # frames closer than this along the normal are at one position
 SPACING_NOTE = 0.01  # spacing irregularities above this fraction of the spacing are noted
 
 
@@ -105,18 +108,6 @@ class IngestedStudy:
     report: IngestReport
 
 
-@dataclass(frozen=True, slots=True)
-class _Candidate:
-    series_uid: str
-    modality: str
-    files: int
-    frames: tuple[Frame, ...]
-    headers: dict[Path, Dataset]
-    notes: tuple[str, ...]
-    thickness_mm: float
-    positions: int
-
-
 def scan_folder(folder: Path) -> FolderScan:
     """Read every file's header (no pixels) and group DICOM files by series."""
     if not folder.is_dir():
@@ -147,173 +138,6 @@ def _rel(folder: Path, paths: list[Path]) -> str:
     return ", ".join(names) + more
 
 
-def _labels(folder: Path, frames: list[Frame]) -> str:
-    more = f" and {len(frames) - 3} more" if len(frames) > 3 else ""
-    return ", ".join(f.label(folder) for f in frames[:3]) + more
-
-
-def _names(values: list[str]) -> str:
-    counts = Counter(values)
-    return ", ".join(f"{n} {name}" for name, n in counts.most_common())
-
-
-def _normal(orientation: tuple[float, ...]) -> npt.NDArray[np.float64]:
-    n = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float))
-    out: npt.NDArray[np.float64] = n / max(float(np.linalg.norm(n)), 1e-12)
-    return out
-
-
-def _distinct_positions(frames: list[Frame], normal: npt.NDArray[np.float64]) -> int:
-    dist = sorted(float(np.asarray(f.position_lps_mm) @ normal) for f in frames if f.position_lps_mm)
-    return 0 if not dist else 1 + int(np.sum(np.diff(dist) >= SAME_POSITION_MM))
-
-
-def _assess(
-    folder: Path, uid: str, items: list[tuple[Path, Dataset]], rules: SeriesRules
-) -> _Candidate | SeriesVerdict:
-    """A usable candidate, or the verdict that says why the series is not one."""
-    modality = Counter(str(ds.get("Modality", "") or "") for _, ds in items).most_common(1)[0][0]
-
-    def verdict(reason: str, detail: str) -> SeriesVerdict:
-        return SeriesVerdict(uid, modality, len(items), reason, detail)
-
-    wanted = "/".join(rules.modalities)
-    images = [
-        (p, ds)
-        for p, ds in items
-        if rules.accepts_sop_class(str(ds.get("Modality", "") or ""), str(ds.get("SOPClassUID", "") or ""))
-    ]
-    image_paths = {p for p, _ in images}
-    others = [sop_class_name(_sop_class(ds)) for p, ds in items if p not in image_paths]
-    if not images:
-        if modality not in rules.modalities:
-            shown = f"modality {modality}" if modality else "no Modality"
-            return verdict(Reason.MODALITY, f"{shown} ({_names(others)}); Interval analyses {wanted} images")
-        return verdict(
-            Reason.NOT_AN_IMAGE,
-            f"{_names(others)}: not {wanted} images (a secondary capture such as a dose page, raw data or a "
-            "non-image object)",
-        )
-    notes: list[str] = []
-    if others:
-        notes.append(
-            f"ignored {len(others)} object(s) in the series that are not {wanted} images ({_names(others)})"
-        )
-    colour = sorted(
-        {
-            str(ds.get("PhotometricInterpretation", "") or "?")
-            for _, ds in images
-            if int(ds.get("SamplesPerPixel", 1) or 1) != 1
-            or str(ds.get("PhotometricInterpretation", "MONOCHROME2")) not in ("MONOCHROME1", "MONOCHROME2")
-        }
-    )
-    if colour:
-        return verdict(
-            Reason.NOT_GRAYSCALE, f"not grayscale images (Photometric Interpretation {', '.join(colour)})"
-        )
-    frames = [f for p, ds in images for f in frames_of(p, ds)]
-    localizers = [f for f in frames if is_localizer(f.image_type)]
-    frames = [f for f in frames if not is_localizer(f.image_type)]
-    if not frames:
-        return verdict(Reason.LOCALIZER, f"localizer (scout) images only ({len(localizers)})")
-    if localizers:
-        notes.append(
-            f"dropped {len(localizers)} localizer image(s) from the series ({_labels(folder, localizers)})"
-        )
-    excluded = [(f, why) for f in frames if (why := rules.image_type_exclusion(f.image_type)) is not None]
-    if excluded:
-        frames = [f for f in frames if rules.image_type_exclusion(f.image_type) is None]
-        if not frames:
-            return verdict(Reason.DERIVED, excluded[0][1])
-        notes.append(f"dropped {len(excluded)} image(s) of another kind: {excluded[0][1]}")
-    if rules.require_hu:
-        other_units = sorted({f.rescale_type for f in frames if f.rescale_type not in ("", "HU")})
-        if other_units:
-            return verdict(
-                Reason.NOT_HU,
-                f"values are not Hounsfield units (Rescale Type {', '.join(other_units)}: a derived map such as "
-                "perfusion); Interval measures HU",
-            )
-    missing = [
-        f for f in frames if f.position_lps_mm is None or f.orientation is None or f.pixel_spacing_mm is None
-    ]
-    if missing:
-        multi = any(f.frame_index is not None for f in missing)
-        why = (
-            " (a multi-frame file without Per-frame Functional Groups: enhanced multi-frame images need them)"
-            if multi
-            else ""
-        )
-        return verdict(
-            Reason.NO_GEOMETRY,
-            f"{len(missing)} image(s) lack Image Position/Orientation (Patient) or Pixel Spacing{why} "
-            f"({_labels(folder, missing)}); a volume cannot be placed",
-        )
-    orientation = Counter(tuple(round(v, 3) for v in f.orientation or ()) for f in frames).most_common(1)[0][
-        0
-    ]
-    angle = obliquity_deg(orientation)
-    if angle > rules.max_obliquity_deg:
-        tilt = _gantry_tilt(list(ds for _, ds in images))
-        told = f"; the header states a gantry tilt of {tilt:g} degrees" if abs(tilt) > 0.01 else ""
-        return verdict(
-            Reason.NOT_AXIAL,
-            f"not axial: the slice normal is {angle:.1f} degrees from the head-feet axis (at most "
-            f"{rules.max_obliquity_deg:g} allowed){told}",
-        )
-    positions = _distinct_positions(frames, _normal(orientation))
-    if positions < rules.min_slices:
-        return verdict(
-            Reason.TOO_FEW_SLICES,
-            f"{positions} slice position(s); at least {rules.min_slices} are needed for a volume",
-        )
-    thick = [f.slice_thickness_mm for f in frames if f.slice_thickness_mm]
-    return _Candidate(
-        series_uid=uid,
-        modality=modality,
-        files=len(items),
-        frames=tuple(frames),
-        headers={p: ds for p, ds in images},
-        notes=tuple(notes),
-        thickness_mm=float(np.median(thick)) if thick else float("inf"),
-        positions=positions,
-    )
-
-
-def _sop_class(ds: Dataset) -> str:
-    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", Dataset()).get("MediaStorageSOPClassUID")
-    return str(uid or "")
-
-
-def _gantry_tilt(headers: list[Dataset]) -> float:
-    tilts = []
-    for ds in headers:
-        raw = ds.get("GantryDetectorTilt")
-        if raw is None:
-            raw = functional_group_value(ds, "CTAcquisitionDetailsSequence", "GantryDetectorTilt")
-        try:
-            tilts.append(float(raw) if raw not in (None, "") else 0.0)
-        except (TypeError, ValueError):
-            tilts.append(0.0)
-    return max(tilts, key=abs) if tilts else 0.0
-
-
-def _preference(rules: SeriesRules, c: _Candidate) -> tuple[float, float, str]:
-    if rules.prefer == "most_slices":
-        return (-c.positions, c.thickness_mm, c.series_uid)
-    return (c.thickness_mm, -c.positions, c.series_uid)
-
-
-def _why_not(rules: SeriesRules, c: _Candidate, chosen: _Candidate) -> str:
-    def thick(x: _Candidate) -> str:
-        return f"{x.thickness_mm:g} mm" if np.isfinite(x.thickness_mm) else "unknown"
-
-    return (
-        f"usable, not preferred ({rules.prefer}): {c.positions} slices of {thick(c)}, the chosen series has "
-        f"{chosen.positions} of {thick(chosen)}"
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class _Grid:
     directions: npt.NDArray[np.float64]  # columns: i, j, k directions (LPS)
@@ -323,7 +147,7 @@ class _Grid:
     notes: list[str]
 
 
-def _grid(folder: Path, cand: _Candidate, rules: SeriesRules) -> _Grid:
+def _grid(folder: Path, cand: Candidate, rules: SeriesRules) -> _Grid:
     """Sort the frames along the normal and check that they make one orthogonal, evenly spaced grid."""
     uid = cand.series_uid
     frames = list(cand.frames)
@@ -331,7 +155,7 @@ def _grid(folder: Path, cand: _Candidate, rules: SeriesRules) -> _Grid:
     ref = next(f for f in frames if tuple(round(v, 3) for v in f.orientation or ()) == ref_iop)
     iop = np.asarray(ref.orientation, dtype=float)
     row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-    normal = _normal(tuple(iop))
+    normal = unit_normal(tuple(iop))
     shapes = {(f.rows, f.columns) for f in frames}
     if len(shapes) > 1:
         raise InvalidVolumeError(f"series {uid} mixes image sizes {sorted(shapes)}")
@@ -342,7 +166,7 @@ def _grid(folder: Path, cand: _Candidate, rules: SeriesRules) -> _Grid:
     if turned:
         raise InvalidVolumeError(
             f"series {uid} mixes slice orientations: {len(turned)} of {len(frames)} image(s) differ "
-            f"({_labels(folder, turned)}); export the axial images as their own series"
+            f"({labels(folder, turned)}); export the axial images as their own series"
         )
     positions = np.array([f.position_lps_mm for f in frames], dtype=float)
     dist = positions @ normal
@@ -360,7 +184,7 @@ def _grid(folder: Path, cand: _Candidate, rules: SeriesRules) -> _Grid:
     notes: list[str] = []
     steps = np.diff(slot_dist)
     offsets: npt.NDArray[np.float64] | None = None
-    tilt = _gantry_tilt(list(cand.headers.values()))
+    tilt = gantry_tilt_deg(list(cand.headers.values()))
     if len(slots) > 1:
         rel = np.asarray(slot_pos) - slot_pos[0]
         in_plane = rel - np.outer(rel @ normal, normal)
@@ -368,24 +192,22 @@ def _grid(folder: Path, cand: _Candidate, rules: SeriesRules) -> _Grid:
     else:
         in_plane, sheared = np.zeros((1, 3)), False
     if abs(tilt) > 0.01 or sheared:
+        told = f"the header states {tilt:g} degrees" if abs(tilt) > 0.01 else "no tilt in the header"
         what = (
-            f"a gantry tilt of {tilt:g} degrees in the header"
-            if abs(tilt) > 0.01
-            else "no tilt in the header"
-        )
-        shear = (
-            f", slices shifted in-plane by up to {float(np.abs(in_plane).max()):.1f} mm" if sheared else ""
+            f"slices shifted in-plane by up to {float(np.abs(in_plane).max()):.1f} mm across the series, {told}"
+            if sheared
+            else told
         )
         if rules.gantry_tilt == "refuse":
             raise InvalidVolumeError(
-                f"series {uid} is acquired with gantry tilt ({what}{shear}: the slices are sheared); resample it "
-                "to an orthogonal grid before analysis, or set INTERVAL_GANTRY_TILT=resample"
+                f"series {uid} is acquired with gantry tilt ({what}); resample it to an orthogonal grid before "
+                "analysis, or set INTERVAL_GANTRY_TILT=resample"
             )
         if sheared:
             offsets = in_plane
-            notes.append(f"gantry tilt resampled to an orthogonal grid ({what}{shear}; linear interpolation)")
+            notes.append(f"gantry tilt resampled to an orthogonal grid ({what}; linear interpolation)")
         else:
-            notes.append(f"{what}, but the slice positions form an orthogonal grid: read as is")
+            notes.append(f"gantry tilt: {what}, but the slice positions form an orthogonal grid: read as is")
     if len(slots) == 1:
         spacing = ref.spacing_between_slices_mm or ref.slice_thickness_mm
         if not spacing or spacing <= 0:
@@ -422,7 +244,7 @@ def _grid(folder: Path, cand: _Candidate, rules: SeriesRules) -> _Grid:
 
 
 def _pixels(
-    folder: Path, cand: _Candidate, grid: _Grid, forced: frozenset[Path], rules: SeriesRules
+    folder: Path, cand: Candidate, grid: _Grid, forced: frozenset[Path], rules: SeriesRules
 ) -> tuple[npt.NDArray[np.float32], list[str]]:
     """Decode every file once (and drop it after its last frame is used), rescale each frame with its own slope
     and intercept, keep one image per slot."""
@@ -519,7 +341,7 @@ def _text(value: object) -> str:
     return str(value)
 
 
-def _acquisition(ds: Dataset, cand: _Candidate, first: Frame, notes: tuple[str, ...]) -> AcquisitionInfo:
+def _acquisition(ds: Dataset, cand: Candidate, first: Frame, notes: tuple[str, ...]) -> AcquisitionInfo:
     kvp = ds.get("KVP")
     if kvp in (None, ""):
         kvp = functional_group_value(ds, "CTXRayDetailsSequence", "KVP")
@@ -547,7 +369,7 @@ def _acquisition(ds: Dataset, cand: _Candidate, first: Frame, notes: tuple[str, 
     )
 
 
-def _build(folder: Path, cand: _Candidate, scan: FolderScan, rules: SeriesRules) -> Volume:
+def _build(folder: Path, cand: Candidate, scan: FolderScan, rules: SeriesRules) -> Volume:
     study_uid = str(next(iter(cand.headers.values())).get("StudyInstanceUID", "") or "") or None
     try:
         grid = _grid(folder, cand, rules)
@@ -568,20 +390,6 @@ def _build(folder: Path, cand: _Candidate, scan: FolderScan, rules: SeriesRules)
         direction_lps=tuple((float(r[0]), float(r[1]), float(r[2])) for r in grid.directions),
         acquisition=info,
     )
-
-
-def _assess_all(
-    folder: Path, scan: FolderScan, rules: SeriesRules
-) -> tuple[list[SeriesVerdict], list[_Candidate]]:
-    verdicts: list[SeriesVerdict] = []
-    candidates: list[_Candidate] = []
-    for uid, items in scan.series.items():
-        out = _assess(folder, uid, items, rules)
-        if isinstance(out, SeriesVerdict):
-            verdicts.append(out)
-        else:
-            candidates.append(out)
-    return verdicts, candidates
 
 
 def _listing(verdicts: list[SeriesVerdict], limit: int = 6) -> str:
@@ -617,7 +425,7 @@ def assess_folder(folder: Path, rules: SeriesRules = DEFAULT_RULES) -> list[Seri
     could be read gets ``Reason.NOT_CHOSEN`` with detail "usable"."""
     with quiet_pydicom():
         scan = scan_folder(folder)
-        verdicts, candidates = _assess_all(folder, scan, rules)
+        verdicts, candidates = assess_all(folder, scan.series, rules)
     usable = [
         SeriesVerdict(c.series_uid, c.modality, c.files, Reason.NOT_CHOSEN, "usable") for c in candidates
     ]
@@ -626,11 +434,11 @@ def assess_folder(folder: Path, rules: SeriesRules = DEFAULT_RULES) -> list[Seri
 
 def _read_study(folder: Path, rules: SeriesRules) -> IngestedStudy:
     scan = scan_folder(folder)
-    verdicts, candidates = _assess_all(folder, scan, rules)
+    verdicts, candidates = assess_all(folder, scan.series, rules)
     if not candidates:
         raise _no_series(folder, scan, verdicts, rules)
-    candidates.sort(key=lambda c: _preference(rules, c))
-    failures: list[tuple[_Candidate, InputError]] = []
+    candidates.sort(key=lambda c: preference_key(rules, c))
+    failures: list[tuple[Candidate, InputError]] = []
     for index, cand in enumerate(candidates):
         try:
             volume = _build(folder, cand, scan, rules)
@@ -647,7 +455,9 @@ def _read_study(folder: Path, rules: SeriesRules) -> IngestedStudy:
             )
         )
         verdicts += [
-            SeriesVerdict(c.series_uid, c.modality, c.files, Reason.NOT_CHOSEN, _why_not(rules, c, cand))
+            SeriesVerdict(
+                c.series_uid, c.modality, c.files, Reason.NOT_CHOSEN, why_not_chosen(rules, c, cand)
+            )
             for c in candidates[index + 1 :]
         ]
         notes = list(volume.acquisition.ingest_notes) if volume.acquisition else []
@@ -686,7 +496,7 @@ def series_source_headers(folder: Path, series_uid: str, rules: SeriesRules = DE
     localizers left out, each SOP instance once (a SEG or SR references these)."""
     with quiet_pydicom():
         items = scan_folder(folder).series.get(series_uid, [])
-        out = _assess(folder, series_uid, items, rules) if items else None
+        out = assess_series(folder, series_uid, items, rules) if items else None
     if out is None:
         return []
     if isinstance(out, SeriesVerdict):

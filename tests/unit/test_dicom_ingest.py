@@ -452,3 +452,12 @@ def test_ingest_settings_are_checked_when_read():
     with pytest.raises(ValidationError, match="min_slices"):
         Settings(series_min_slices=0)
     assert Settings(series_max_obliquity_deg=20).series_rules().max_obliquity_deg == 20
+
+
+def test_a_header_tilt_on_an_orthogonal_grid_is_read_as_is_when_resampling_is_on(tmp_path):
+    expected = _write_series(tmp_path / "s", GantryDetectorTilt="12")
+    with pytest.raises(InvalidVolumeError, match="the header states 12 degrees"):
+        load_study(tmp_path / "s")
+    study = read_study(tmp_path / "s", SeriesRules(gantry_tilt="resample"))
+    assert np.array_equal(study.volume.voxels_hu, expected)
+    assert any("orthogonal grid: read as is" in n for n in study.report.notes)
