@@ -492,18 +492,24 @@ def load_study(folder: Path, rules: SeriesRules = DEFAULT_RULES) -> Volume:
 
 
 def series_source_headers(folder: Path, series_uid: str, rules: SeriesRules = DEFAULT_RULES) -> list[Dataset]:
-    """The headers of the images of ``series_uid`` that a volume is built from: non-image objects and
-    localizers left out, each SOP instance once (a SEG or SR references these)."""
+    """The headers of the images of ``series_uid`` that a volume is built from, in slice order: non-image objects
+    and localizers left out, one file per slice position (duplicates were identical, or the study was refused).
+    A SEG or SR references these."""
     with quiet_pydicom():
         items = scan_folder(folder).series.get(series_uid, [])
         out = assess_series(folder, series_uid, items, rules) if items else None
-    if out is None:
+    if out is None or isinstance(out, SeriesVerdict):
         return []
-    if isinstance(out, SeriesVerdict):
-        return []
-    used = dict.fromkeys(f.path for f in out.frames)
-    unique: dict[str, Dataset] = {}
-    for path in used:
-        ds = out.headers[path]
-        unique.setdefault(str(ds.get("SOPInstanceUID", "") or path), ds)
-    return list(unique.values())
+    orientation = out.frames[0].orientation or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    normal = unit_normal(orientation)
+    headers: list[Dataset] = []
+    last: float | None = None
+    seen: set[Path] = set()
+    for frame in sorted(out.frames, key=lambda f: float(np.asarray(f.position_lps_mm) @ normal)):
+        dist = float(np.asarray(frame.position_lps_mm) @ normal)
+        if frame.path in seen or (last is not None and dist - last < SAME_POSITION_MM):
+            continue
+        seen.add(frame.path)
+        last = dist
+        headers.append(out.headers[frame.path])
+    return headers

@@ -461,3 +461,25 @@ def test_a_header_tilt_on_an_orthogonal_grid_is_read_as_is_when_resampling_is_on
     study = read_study(tmp_path / "s", SeriesRules(gantry_tilt="resample"))
     assert np.array_equal(study.volume.voxels_hu, expected)
     assert any("orthogonal grid: read as is" in n for n in study.report.notes)
+
+
+def test_source_headers_are_the_slices_the_volume_was_built_from(tmp_path):
+    from adapters.dicom_series import series_source_headers
+
+    folder = tmp_path / "s"
+    series = STUDY + ".2"
+    _write_series(folder, series=series, descending=True)
+    copy = pydicom.dcmread(folder / "IM0003.dcm")
+    copy.SOPInstanceUID = series + ".99"
+    copy.save_as(folder / "copy.dcm")
+    _ct(
+        folder / "scout.dcm",
+        series,
+        (0, 0, 0),
+        _stored(0, (8, 8)),
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+    ).save_as(folder / "scout.dcm")
+    headers = series_source_headers(folder, series)
+    assert len(headers) == load_study(folder).shape[0] == 6
+    z = [float(ds.ImagePositionPatient[2]) for ds in headers]
+    assert z == sorted(z)
