@@ -293,7 +293,7 @@ def _pixels(
         error = next(iter(bad.values()))
         detail = (str(error).splitlines() or [""])[0][:240]
         raise UnreadableDicomError(
-            f"{len(bad)} file(s) of series {uid} have pixel data that cannot be decoded ({_rel(folder, list(bad))}; "
+            f"{len(bad)} file(s) of series {uid} have unreadable pixel data ({_rel(folder, list(bad))}; "
             f"transfer syntax {', '.join(syntaxes)}): {type(error).__name__}: {detail}. The files may be truncated, "
             "or their compression needs a decoder that is not installed (pylibjpeg, pylibjpeg-libjpeg, "
             "pylibjpeg-openjpeg, pyjpegls)"

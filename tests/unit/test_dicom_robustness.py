@@ -40,7 +40,7 @@ PROBLEMS = [
     ("missing", "missing_slices"),
     ("duplicate slice positions", "duplicate_positions"),
     ("slice spacing is unknown", "unknown_slice_spacing"),
-    ("cannot be decoded", "undecodable_pixels"),
+    ("unreadable pixel data", "undecodable_pixels"),
     ("not readable DICOM", "not_dicom"),
     ("found: no DICOM files", "no_dicom_files"),  # a DICOMDIR, skipped by name
 ]
