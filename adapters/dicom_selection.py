@@ -38,6 +38,9 @@ SAME_POSITION_MM = 0.01  # frames closer than this along the normal are at one p
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
+    """A series that passed every rule: its image frames (localizers, non-images and excluded types removed),
+    their headers, what was dropped (``notes``), and what the preference orders by."""
+
     series_uid: str
     modality: str
     files: int
@@ -49,6 +52,7 @@ class Candidate:
 
 
 def labels(folder: Path, frames: list[Frame]) -> str:
+    """Up to three frames named by file (relative to the folder) and frame number."""
     more = f" and {len(frames) - 3} more" if len(frames) > 3 else ""
     return ", ".join(f.label(folder) for f in frames[:3]) + more
 
