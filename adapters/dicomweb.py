@@ -40,6 +40,8 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from adapters.dicom_rules import SeriesRules
+from adapters.dicom_series import DEFAULT_RULES
 from adapters.dicom_series import load_study as load_study_folder
 from core.errors import ExternalRequestError, ExternalServiceError, InputError, NoSeriesFoundError
 from core.types import Volume
@@ -603,9 +605,10 @@ class DicomWebImageSource:
     (atomically: a half-retrieved study never appears there) and then read like a folder, with the same series
     selection and checks (``adapters.dicom_series.load_study``)."""
 
-    def __init__(self, client: DicomWebClient, cache_dir: Path) -> None:
+    def __init__(self, client: DicomWebClient, cache_dir: Path, rules: SeriesRules = DEFAULT_RULES) -> None:
         self.client = client
         self.cache_dir = cache_dir
+        self.rules = rules
         self._lock = threading.Lock()
 
     def study_dir(self, study_uid: str) -> Path:
@@ -645,7 +648,7 @@ class DicomWebImageSource:
 
     def load_study(self, ref: str) -> Volume:
         """The CT volume of StudyInstanceUID ``ref``."""
-        return load_study_folder(self.fetch(ref))
+        return load_study_folder(self.fetch(ref), self.rules)
 
     def find_study(self, study_uid: str) -> Volume | None:
         """The study's volume, or None when the PACS does not hold it."""

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from adapters.dicom_rules import SeriesRules
 from core.lesions import LesionFilter
 from core.pipeline import AnalysisSettings
 
@@ -18,6 +19,7 @@ __all__ = ["DEV_TOKEN_SECRET", "Settings"]
 
 _LESIONS = LesionFilter()
 _ANALYSIS = AnalysisSettings()
+_SERIES = SeriesRules()
 _DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "models" / "weights" / "segmenter.pt"
 # Signs development tokens only; refused when ``environment`` is production.
 DEV_TOKEN_SECRET = "interval-development-token-secret-not-for-production"
@@ -62,6 +64,16 @@ class Settings(BaseSettings):
     ehr_timeout_s: float = 30.0
     # Where CT studies are found by StudyInstanceUID (until a PACS is configured): folders searched
     image_roots: list[Path] = []
+    # --- DICOM ingest: which series of a study is analysed, what is tolerated in it (adapters/dicom_rules.py) ---
+    # among the usable axial CT series: the thinnest slices first, or the most slices first
+    series_prefer: Literal["thinnest", "most_slices"] = _SERIES.prefer
+    series_max_obliquity_deg: float = _SERIES.max_obliquity_deg  # slice normal vs the head-feet axis
+    series_min_slices: int = _SERIES.min_slices
+    series_exclude_derived: bool = _SERIES.exclude_derived_secondary  # DERIVED\SECONDARY: reformats, MIP
+    # a step between slices may differ from the median by this fraction; more is missing slices (refused)
+    slice_spacing_tolerance: float = _SERIES.spacing_tolerance
+    # a tilted gantry's sheared slices: refused, or shifted in-plane onto an orthogonal grid
+    gantry_tilt: Literal["refuse", "resample"] = _SERIES.gantry_tilt
     # Per-study results and label maps kept for evidence images (adapters/artifacts.py)
     artifacts_dir: Path = Path("artifacts")
     # Who writes the report text: the fine-tuned language model (verified sentence by sentence) or the
@@ -159,9 +171,26 @@ class Settings(BaseSettings):
             )
         if self.ehr_private_key is not None and not self.ehr_private_key.is_file():
             raise ValueError(f"INTERVAL_EHR_PRIVATE_KEY {self.ehr_private_key} is not a file")
+        try:
+            self.series_rules()
+        except ValueError as exc:
+            raise ValueError(
+                f"DICOM ingest settings (INTERVAL_SERIES_*, INTERVAL_SLICE_SPACING_TOLERANCE): {exc}"
+            ) from None
         if self.ehr_retry_attempts < 1 or self.ehr_backoff_s < 0:
             raise ValueError("INTERVAL_EHR_RETRY_ATTEMPTS must be >= 1 and INTERVAL_EHR_BACKOFF_S >= 0")
         return self
+
+    def series_rules(self) -> SeriesRules:
+        """The DICOM ingest rules (raises ValueError, naming the setting, when one is out of range)."""
+        return SeriesRules(
+            prefer=self.series_prefer,
+            max_obliquity_deg=self.series_max_obliquity_deg,
+            min_slices=self.series_min_slices,
+            exclude_derived_secondary=self.series_exclude_derived,
+            spacing_tolerance=self.slice_spacing_tolerance,
+            gantry_tilt=self.gantry_tilt,
+        )
 
     def analysis(self) -> AnalysisSettings:
         return AnalysisSettings(

@@ -158,6 +158,7 @@ def analyze_study(
         acq = volume.acquisition
         if acq is None:
             raise AnalysisError("the image source returned a volume without acquisition facts")
+        warnings += [f"ingest: {n}" for n in acq.ingest_notes]
         d.append(f"{volume.shape[0]} slices, {acq.manufacturer or 'unknown vendor'}")
     with steps.step("segment") as d:
         seg = segmenter.segment(volume)

@@ -87,6 +87,9 @@ class AcquisitionInfo:
     slice_thickness_mm: float | None = None
     station_name: str = ""
     accession_number: str = ""
+    # what the ingest tolerated or changed in the series (dropped localizers, duplicate copies, a small spacing
+    # irregularity, resampled gantry tilt): one line each, identifiers only; reported with the analysis
+    ingest_notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -156,7 +156,11 @@ class WebPages:
         self.store = store
         self.users = users if users is not None else UserStore(store.database_url)
         self._owns_users = users is None
-        self.images = images if images is not None else FolderImageSource(list(settings.image_roots))
+        self.images = (
+            images
+            if images is not None
+            else FolderImageSource(list(settings.image_roots), settings.series_rules())
+        )
         self.ehr = EhrLink(settings)
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
@@ -274,7 +278,7 @@ class WebPages:
         try:
             if isinstance(self.images, FolderImageSource):
                 folder = self.images.folder_of(study_uid, refresh=True)
-                volume = load_study(folder) if folder is not None else None
+                volume = load_study(folder, self.images.rules) if folder is not None else None
             else:
                 volume = self.images.find_study(study_uid)
         except IntervalError as exc:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.artifacts import save_artifacts
-from adapters.dicom_series import scan_folder
+from adapters.dicom_series import DEFAULT_RULES, series_source_headers
 from adapters.dicomweb import DicomWebClient, DicomWebImageSource, StowResult
 from adapters.ehr_priors import EhrPriorStore
 from adapters.fhir_client import FhirClient, RetryPolicy, SmartBackendAuth
@@ -179,7 +179,14 @@ def source_headers(images: ImageSource, result: StudyResult) -> list[Dataset]:
             f"({type(images).__name__}); the SEG and SR need them as their source",
             study_uid=acq.study_uid,
         )
-    headers = [ds for _, ds in scan_folder(folder).series.get(acq.series_uid, [])]
+    rules = images.rules if isinstance(images, (DicomWebImageSource, FolderImageSource)) else DEFAULT_RULES
+    headers = series_source_headers(folder, acq.series_uid, rules)
+    if any(int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in headers):
+        raise AnalysisError(
+            f"series {acq.series_uid} is enhanced multi-frame CT: the SEG and SR writers reference single-frame "
+            "source images only",
+            study_uid=acq.study_uid,
+        )
     if len(headers) != result.volume_shape[0]:
         raise AnalysisError(
             f"series {acq.series_uid} has {len(headers)} image(s) in the study's folder, the analysis used "

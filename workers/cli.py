@@ -114,7 +114,7 @@ def run_analysis(
     if remeasure_priors is not None:
         settings = settings.model_copy(update={"remeasure_priors": remeasure_priors})
     roots = prior_images or ([priors.parent] if priors is not None else [])
-    images = FolderImageSource(roots)
+    images = FolderImageSource(roots, settings.series_rules())
     store = BundlePriorStore(priors) if priors is not None else NoPriors()
     if isinstance(store, BundlePriorStore):
         store.load()  # validate up front (parsed once, reused by the pipeline): fail before inference

@@ -58,8 +58,8 @@ def pacs_client(settings: Settings) -> DicomWebClient | None:
 def image_source(settings: Settings, pacs: DicomWebClient | None) -> ImageSource:
     """Studies from the PACS (retrieved once into ``image_cache_dir``) when there is one, else from folders."""
     if pacs is not None:
-        return DicomWebImageSource(pacs, settings.image_cache_dir)
-    return FolderImageSource(list(settings.image_roots))
+        return DicomWebImageSource(pacs, settings.image_cache_dir, settings.series_rules())
+    return FolderImageSource(list(settings.image_roots), settings.series_rules())
 
 
 def build_analyzer(

@@ -79,14 +79,27 @@ def test_missing_slices_are_refused(small_patient, tmp_path):
         load_study(d)
 
 
-def test_duplicate_positions_are_refused(small_patient, tmp_path):
+def test_identical_duplicate_is_kept_once_and_noted(small_patient, tmp_path):
     d = _copy_series(small_patient, tmp_path)
-    files = sorted(d.iterdir())
-    ds = pydicom.dcmread(files[5])
-    ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+    n = len(list(d.iterdir()))
+    ds = pydicom.dcmread(sorted(d.iterdir())[5])
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"  # the same image sent twice under a new UID
     ds.save_as(d / "dup.dcm")
-    with pytest.raises(InvalidVolumeError, match="duplicate slice positions"):
+    vol = load_study(d)
+    assert vol.shape[0] == n
+    assert vol.acquisition is not None
+    assert any("identical duplicate" in note for note in vol.acquisition.ingest_notes)
+
+
+def test_conflicting_duplicate_positions_are_refused(small_patient, tmp_path):
+    d = _copy_series(small_patient, tmp_path)
+    ds = pydicom.dcmread(sorted(d.iterdir())[5])
+    ds.SOPInstanceUID = ds.SOPInstanceUID + ".9"
+    ds.PixelData = (ds.pixel_array + 50).astype(np.uint16).tobytes()  # another image at the same position
+    ds.save_as(d / "dup.dcm")
+    with pytest.raises(InvalidVolumeError, match="duplicate slice positions") as e:
         load_study(d)
+    assert "dup.dcm" in str(e.value)
 
 
 def _rewrite(folder: Path, change) -> None:
@@ -115,7 +128,7 @@ def test_sheared_positions_are_refused_as_tilt(small_patient, tmp_path):
         load_study(d)
 
 
-def test_enhanced_multiframe_is_refused_with_advice(small_patient, tmp_path):
+def test_multiframe_without_functional_groups_is_refused_with_advice(small_patient, tmp_path):
     d = _copy_series(small_patient, tmp_path)
 
     def enhanced(ds):
@@ -123,7 +136,7 @@ def test_enhanced_multiframe_is_refused_with_advice(small_patient, tmp_path):
         ds.NumberOfFrames = 2
 
     _rewrite(d, enhanced)
-    with pytest.raises(NoSeriesFoundError, match="enhanced multi-frame"):
+    with pytest.raises(NoSeriesFoundError, match="Per-frame Functional Groups: enhanced multi-frame"):
         load_study(d)
 
 

@@ -156,3 +156,22 @@ def test_a_lesion_missing_from_the_prior_report_but_visible_on_its_image_is_not_
     checked = follow_up(demo_patient, priors=unreported)
     assert checked.recist is not None and checked.recist.category.value == truth["recist"]["category"]
     assert any("visible in retrospect" in line for line in checked.report.findings.split(". "))
+
+
+def test_what_the_ingest_tolerated_reaches_the_result_warnings(small_patient, tmp_path):
+    import shutil
+
+    import pydicom
+
+    study = tmp_path / "study"
+    shutil.copytree(small_patient.folder / "t0" / "dicom", study)
+    copy = pydicom.dcmread(sorted(study.iterdir())[3])
+    copy.SOPInstanceUID = copy.SOPInstanceUID + ".9"  # the same slice sent twice
+    copy.save_as(study / "again.dcm")
+    result = analyze_study(
+        str(study),
+        images=FolderImageSource(),
+        priors=NoPriors(),
+        segmenter=TruthSegmenter(small_patient.folder),
+    )
+    assert any(w.startswith("ingest: kept one image of 1 identical duplicate") for w in result.warnings)
