@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ def render_model_card(
     train_config: dict[str, Any],
     validation: dict[str, Any],
     unseen: dict[str, dict[str, Any]] | None = None,
+    calibrated: dict[str, Any] | None = None,
     tracking: dict[str, Any] | None = None,
     audit: dict[str, Any] | None = None,
     sources: dict[str, str] | None = None,
@@ -108,6 +110,15 @@ def render_model_card(
             f"| {key} | {g['found']} / {g['total']} | {_pct(g['sensitivity'])} | "
             f"{g['median_abs_diameter_error_mm']} |"
         )
+    if calibrated is not None:
+        lines += [
+            "",
+            "## The same held-out patients after per-site calibration (`interval calibrate`)",
+            "",
+            f"Calibrations applied: {', '.join(f'{k} ({n} studies)' for k, n in calibrated['calibrations_applied'].items())}.",
+            "",
+            *_vendor_rows(calibrated),
+        ]
     if unseen:
         lines += ["", "## A scanner never seen in training, before and after site calibration", ""]
         for label, v in unseen.items():
@@ -159,6 +170,7 @@ def main() -> None:
     ap.add_argument("--validation", type=Path, required=True, help="JSON from 'interval validate'")
     ap.add_argument("--unseen-before", type=Path, help="the unseen vendor's validation without calibration")
     ap.add_argument("--unseen-after", type=Path, help="the same after 'interval calibrate'")
+    ap.add_argument("--calibrated", type=Path, help="the same validation with the site calibrations applied")
     ap.add_argument("--tracking", type=Path, default=WEIGHTS / "tracking_model.json")
     ap.add_argument("--audit", type=Path)
     ap.add_argument("--out", type=Path, default=Path("models/MODEL_CARD.md"))
@@ -175,14 +187,22 @@ def main() -> None:
         )
         if v is not None
     }
-    paths = [args.validation, args.unseen_before, args.unseen_after, args.tracking, args.audit]
+    paths = [
+        args.validation,
+        args.calibrated,
+        args.unseen_before,
+        args.unseen_after,
+        args.tracking,
+        args.audit,
+    ]
     card = render_model_card(
         json.loads((WEIGHTS / "train_config.json").read_text()),
         json.loads(args.validation.read_text()),
         unseen or None,
+        read(args.calibrated),
         read(args.tracking),
         read(args.audit),
-        sources={str(i): str(p) for i, p in enumerate(paths) if p is not None and p.is_file()},
+        sources={str(i): os.path.relpath(p) for i, p in enumerate(paths) if p is not None and p.is_file()},
     )
     args.out.write_text(card)
     print(f"wrote {args.out}")
