@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test check lint types pytest unit weights eval drafter clean
+.PHONY: setup demo test check lint types pytest unit weights eval validate drafter clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,24 @@ weights: setup
 eval: setup
 	$(PY) -m fixtures.synth data/test 10 --seed 909 --vendors ge,siemens,philips,canon,uih
 	OMP_NUM_THREADS=1 $(PY) -m models.segmentation.evaluate --cohort data/test --out models/weights/metrics.json
+
+# Per-vendor validation, calibration, unseen-vendor check, subgroup audit and the model card (~40 min of CPU).
+V := models/weights/validation
+C := models/weights/calibrations
+validate: setup
+	$(PY) -m fixtures.synth data/test 10 --seed 909 --vendors ge,siemens,philips,canon,uih
+	$(PY) -m fixtures.synth data/calib 15 --seed 5150 --vendors ge,siemens,philips,canon,uih --min-time-points 2 --max-time-points 2
+	$(PY) -m fixtures.synth data/calib-uih 3 --seed 5150 --vendors uih --min-time-points 2 --max-time-points 2
+	$(PY) -m fixtures.synth data/test-uih 6 --seed 6160 --vendors uih --min-time-points 2 --max-time-points 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/interval validate data/test --no-calibrated --out $(V)/held_out.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/interval calibrate data/calib --out-dir $(C)/all-vendors
+	OMP_NUM_THREADS=1 INTERVAL_CALIBRATION_DIR=$(C)/all-vendors $(VENV)/bin/interval validate data/test --out $(V)/held_out_calibrated.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/interval validate data/test-uih --no-calibrated --out $(V)/unseen_uih.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/interval calibrate data/calib-uih --out-dir $(C)/uih-site
+	OMP_NUM_THREADS=1 INTERVAL_CALIBRATION_DIR=$(C)/uih-site $(VENV)/bin/interval validate data/test-uih --out $(V)/unseen_uih_calibrated.json
+	$(VENV)/bin/interval audit data/test --records $(V)/held_out.json --out $(V)/audit_held_out.json
+	$(PY) -m models.segmentation.model_card --validation $(V)/held_out.json --calibrated $(V)/held_out_calibrated.json \
+		--unseen-before $(V)/unseen_uih.json --unseen-after $(V)/unseen_uih_calibrated.json --audit $(V)/audit_held_out.json
 
 # Reproduce the committed report-drafter adapter (LoRA on SmolLM2-135M; ~40 min of CPU) and its metrics.
 drafter: setup
