@@ -26,7 +26,7 @@ def test_a_site_calibration_is_fitted_written_and_applied_by_scanner_identity(tm
     options = CohortOptions(seed=5151, vendors=("uih",), min_time_points=2, max_time_points=2)
     site, held_out = tmp_path / "site", tmp_path / "held-out"
     make_patient(site, 0, options)
-    make_patient(held_out, 1, options)
+    make_patient(held_out, 3, options)  # the same station (UICT01) as patient 0: a one-station calibration
     cal_dir = tmp_path / "calibrations"
 
     fitted = _interval("calibrate", str(site), "--out-dir", str(cal_dir), cwd=tmp_path)
@@ -35,9 +35,12 @@ def test_a_site_calibration_is_fitted_written_and_applied_by_scanner_identity(tm
     cal = json.loads(path.read_text())
     assert (cal["manufacturer"], cal["model_name"]) == ("UIH", "uCT 760")
     assert cal["fitted"]["studies"] == 2 and cal["model_version"].startswith("interval-seg-unet-")
-    assert cal["smooth_sigma_mm"] > 0  # the sharp, noisy kernel is harmonised towards the training noise
-    assert cal["fitted"]["after"]["false_positives_per_study"] <= 0.5
-    assert cal["fitted"]["after"]["found"] >= cal["fitted"]["before"]["found"]
+    # the sharp, noisy kernel needs smoothing to reach the training noise; it is kept only if it helps
+    assert cal["fitted"]["noise_matched_sigma_mm"] > 0
+    assert cal["smooth_sigma_mm"] in (0.0, cal["fitted"]["noise_matched_sigma_mm"])
+    before, after = cal["fitted"]["before"], cal["fitted"]["after"]
+    assert after["found"] >= before["found"]  # never worse on the site's own studies
+    assert after["false_positives_per_study"] <= max(0.5, before["false_positives_per_study"])
 
     out = tmp_path / "validation.json"
     checked = _interval(
@@ -45,7 +48,7 @@ def test_a_site_calibration_is_fitted_written_and_applied_by_scanner_identity(tm
     )
     assert checked.returncode == 0, checked.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert result["calibrations_applied"] == {"UIH / uCT 760 / *": 2}
+    assert result["calibrations_applied"] == {"UIH / uCT 760 / UICT01": 2}
     row = result["per_vendor"]["uih"]
     assert row["studies"] == 2 and set(row["meets_targets"]) == {
         "sensitivity_ge10mm",
