@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,8 @@ import numpy as np
 from adapters.report_json import result_to_json
 from core.errors import InputError
 from core.pipeline import StudyResult
-from core.ports import Segmenter
-from core.types import Segmentation, Volume
+from core.ports import AugmentingSegmenter, Segmenter
+from core.types import BoxKji, Segmentation, Volume
 
 __all__ = ["ReusingSegmenter", "load_artifacts", "save_artifacts", "study_dir"]
 
@@ -105,6 +106,16 @@ class ReusingSegmenter:
     @property
     def model_version(self) -> str:
         return self.inner.model_version
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        return self.inner.augmentations if isinstance(self.inner, AugmentingSegmenter) else ()
+
+    def augmented_views(self, volume: Volume, boxes_kji: Sequence[BoxKji]) -> list[list[Segmentation]]:
+        """The inner model's test-time augmentation (never stored: only the current study needs it)."""
+        if not isinstance(self.inner, AugmentingSegmenter):
+            return [[] for _ in boxes_kji]
+        return self.inner.augmented_views(volume, boxes_kji)
 
     def segment(self, volume: Volume) -> Segmentation:
         stored = self._stored(volume)

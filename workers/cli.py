@@ -106,7 +106,7 @@ def run_analysis(
     from adapters.report_json import result_to_json, result_to_markdown
     from adapters.settings import Settings
     from core.pipeline import analyze_study
-    from models.segmentation.inference import MonaiSegmenter
+    from models.segmentation.inference import segmenter_from_settings
 
     settings = Settings()
     if irecist is not None:
@@ -128,7 +128,7 @@ def run_analysis(
     ) as progress:
         on = _progress_callback(progress)
         on("load model", "start", "")
-        segmenter = MonaiSegmenter(settings.segmenter_weights)
+        segmenter = segmenter_from_settings(settings)
         on("load model", "done", segmenter.model_version)
         result = analyze_study(
             str(study_dir),
@@ -352,9 +352,9 @@ def evaluate_tracking_cmd(
             result = evaluate_tracking(cohort, TruthSegmenter, progress=err_console.print)
         elif segmenter == "model":
             from adapters.settings import Settings
-            from models.segmentation.inference import MonaiSegmenter
+            from models.segmentation.inference import segmenter_from_settings
 
-            model = MonaiSegmenter(Settings().segmenter_weights)
+            model = segmenter_from_settings(Settings(), tta=False)
             result = evaluate_tracking(cohort, lambda _: model, progress=err_console.print)
         else:
             raise InputError(f"--segmenter must be 'truth' or 'model', got {segmenter!r}")

@@ -70,10 +70,10 @@ def build_analyzer(
     if segmenter is None:
         import torch
 
-        from models.segmentation.inference import MonaiSegmenter
+        from models.segmentation.inference import segmenter_from_settings
 
         torch.set_num_threads(1)
-        segmenter = ReusingSegmenter(MonaiSegmenter(settings.segmenter_weights), settings.artifacts_dir)
+        segmenter = ReusingSegmenter(segmenter_from_settings(settings), settings.artifacts_dir)
     pacs = images.client if isinstance(images, DicomWebImageSource) else pacs_client(settings)
     return PipelineAnalyzer(
         images=images if images is not None else image_source(settings, pacs),

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from adapters.settings import Settings
 from core.errors import ModelError
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "bundle_files",
     "read_bundle_metadata",
     "read_torchscript_metadata",
+    "source_from_settings",
 ]
 
 Kind = Literal["builtin", "bundle", "torchscript"]
@@ -268,3 +270,11 @@ class ModelSource:
             prefix = f"bundle-{name[:40]}" + (f"-{meta['version']}" if meta.get("version") else "")
         h.update(json.dumps(self.contract().to_dict(), sort_keys=True).encode())
         return f"{prefix}-{h.hexdigest()[:12]}"
+
+
+def source_from_settings(settings: Settings) -> ModelSource:
+    """The model the settings choose (``INTERVAL_SEGMENTER_KIND``, ``_WEIGHTS``, ``_MODEL`` and the contract)."""
+    if settings.segmenter_kind == "builtin":
+        return ModelSource("builtin", settings.segmenter_weights)
+    assert settings.segmenter_model is not None  # Settings refuses a user's kind without a path
+    return ModelSource(settings.segmenter_kind, settings.segmenter_model, settings.segmenter_declared())

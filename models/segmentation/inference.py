@@ -44,9 +44,10 @@ import torch.nn.functional as F
 from monai.inferers.utils import sliding_window_inference
 from scipy import ndimage
 
+from adapters.settings import Settings
 from core.errors import ModelError
 from core.types import BoxKji, LabelId, Segmentation, Volume
-from models.segmentation.contract import BUILTIN_CONTRACT, ModelContract, ModelSource
+from models.segmentation.contract import BUILTIN_CONTRACT, ModelContract, ModelSource, source_from_settings
 from models.segmentation.loading import LoadedModel, load_model
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "MonaiSegmenter",
     "encode_windows",
     "parse_flips",
+    "segmenter_from_settings",
     "working_shape",
 ]
 
@@ -147,13 +149,17 @@ class MonaiSegmenter:
     def augmentations(self) -> tuple[str, ...]:
         return self.tta
 
-    def working_input(self, volume: Volume) -> torch.Tensor:
-        """The encoded network input ``[C, k, j, i]`` on the working grid (``working_shape``)."""
+    def working_hu(self, volume: Volume) -> torch.Tensor:
+        """The CT in HU ``[k, j, i]`` on the working grid (``working_shape``), on the CPU."""
         hu = torch.from_numpy(np.ascontiguousarray(volume.voxels_hu, dtype=np.float32))
         shape = working_shape(volume.shape, volume.spacing_kji_mm, self.contract.spacing_kji_mm)
         if shape != volume.shape:
             hu = F.interpolate(hu[None, None], size=shape, mode="area")[0, 0]
-        return encode_windows(hu, self.contract.input_windows_hu).to(self.device)
+        return hu
+
+    def working_input(self, volume: Volume) -> torch.Tensor:
+        """The encoded network input ``[C, k, j, i]`` on the working grid."""
+        return encode_windows(self.working_hu(volume), self.contract.input_windows_hu).to(self.device)
 
     def class_probabilities(self, out: torch.Tensor) -> torch.Tensor:
         """Network output ``[B, C_model, ...]`` -> probabilities of Interval's labels ``[B, 4, ...]``."""
@@ -224,6 +230,12 @@ class MonaiSegmenter:
                 views.append(_native_in_box(back, [w.start for w in window], work, volume.shape, box))
             out.append(views)
         return out
+
+
+def segmenter_from_settings(settings: Settings, *, tta: bool = True) -> MonaiSegmenter:
+    """The segmenter the settings choose, loaded once (``tta=False``: without test-time augmentation, for
+    uses that only need the label map)."""
+    return MonaiSegmenter(source=source_from_settings(settings), tta=settings.segmenter_tta if tta else ())
 
 
 def native_to_working_box(

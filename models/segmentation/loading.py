@@ -14,6 +14,7 @@ whose output does not have one channel per declared class, on the same grid, is 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +41,13 @@ class LoadedModel:
 
 def load_model(source: ModelSource, device: torch.device) -> LoadedModel:
     """The network of ``source`` on ``device`` in eval mode, checked against its contract."""
-    contract = source.contract()
     if source.kind == "builtin":
         net: Any = _builtin(source.path)
     elif source.kind == "torchscript":
         net = _torchscript(source.path, device, source.describe())
     else:
         net = _bundle(source.path, device, source.describe())
+    contract = source.contract()
     net = net.to(device).eval()
     _probe(net, contract, device, source.describe())
     return LoadedModel(net=net, contract=contract, version=source.version(), description=source.describe())
@@ -68,8 +69,14 @@ def _builtin(weights: Path) -> torch.nn.Module:
 
 
 def _torchscript(path: Path, device: torch.device, where: str) -> Any:
+    """PyTorch 2.13 deprecates TorchScript in favour of torch.export, but it still loads, and MONAI bundles and
+    users' exports ship it: its notice is silenced here, once per load, and nowhere else."""
     try:
-        return torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning
+            )
+            return torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
     except (RuntimeError, ValueError, OSError) as e:
         raise ModelError(f"{where} cannot be loaded with torch.jit.load: {_first_line(e)}") from None
 
