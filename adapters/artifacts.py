@@ -4,7 +4,8 @@
 ``<root>/<StudyInstanceUID>/draft.json``  per sentence: model text, replaced or added, and why
 ``<root>/<StudyInstanceUID>/segmentation.npz``  ``labels`` (uint8, [k, j, i]) and ``lesion_probability``
 (float16), with the volume's geometry, so evidence images (key slice + contour) can be drawn later
-without running the model again.
+without running the model again; and ``saliency`` (float16, [0, 1]) once a lesion was explained
+(``interval explain --artifacts``), which the key images overlay.
 
 ``ReusingSegmenter`` puts those label maps to a second use: a prior study that this site analysed before (same
 series, same geometry, same model version) is not segmented again when a follow-up is compared with it.
@@ -28,7 +29,7 @@ from core.pipeline import StudyResult
 from core.ports import AugmentingSegmenter, Segmenter
 from core.types import BoxKji, Segmentation, Volume
 
-__all__ = ["ReusingSegmenter", "load_artifacts", "save_artifacts", "study_dir"]
+__all__ = ["ReusingSegmenter", "load_artifacts", "save_artifacts", "save_saliency", "study_dir"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -79,6 +80,28 @@ def save_artifacts(result: StudyResult, root: Path) -> Path:
         )
         os.replace(tmp, folder / "segmentation.npz")
     return folder
+
+
+def save_saliency(root: Path, study_uid: str, overlay: np.ndarray) -> Path:
+    """Add a saliency overlay (volume-shaped, [0, 1]) to a stored analysis's ``segmentation.npz``; where one is
+    stored already (another lesion explained before), the larger value of the two is kept."""
+    folder = study_dir(root, study_uid)
+    path = folder / "segmentation.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    if arrays["labels"].shape != overlay.shape:
+        raise InputError(
+            f"the stored label map has shape {arrays['labels'].shape}, the saliency {overlay.shape}: "
+            "not the same series",
+            study_uid=study_uid,
+        )
+    old = arrays.get("saliency")
+    new = overlay.astype(np.float16)
+    arrays["saliency"] = np.maximum(old, new) if old is not None and old.shape == new.shape else new
+    tmp = folder / ".segmentation.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
 
 
 def load_artifacts(root: Path, study_uid: str) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
