@@ -59,6 +59,7 @@ __all__ = [
     "MonaiSegmenter",
     "encode_windows",
     "parse_flips",
+    "sample_trilinear",
     "segmenter_from_settings",
     "working_shape",
 ]
@@ -134,7 +135,7 @@ class MonaiSegmenter:
         self.tta = parse_flips(tta)
         self._version = self.model.version
         # Interval label <- sum of the model's channels that mean it ("other" counts as background)
-        names = [LabelId.BACKGROUND.name.lower(), "liver", "lung", "lesion"]
+        names = [label.name.lower() for label in LabelId]
         to_label = np.zeros((len(LabelId), len(self.contract.output_classes)), np.float32)
         for c, name in enumerate(self.contract.output_classes):
             to_label[names.index(name) if name in names else LabelId.BACKGROUND, c] = 1.0
@@ -175,14 +176,16 @@ class MonaiSegmenter:
             x,
             roi_size=self.roi_kji,
             sw_batch_size=self.sw_batch_size,
-            predictor=self._call,
+            predictor=self.label_probabilities,
             overlap=self.overlap,
             mode="gaussian",
         )
         assert isinstance(out, torch.Tensor)
         return out
 
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
+    def label_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """One network call on an encoded batch ``[B, C, ...]``: probabilities of Interval's labels
+        ``[B, 4, ...]``."""
         y: Any = self.net(x)
         if isinstance(y, (tuple, list)):
             y = y[0]
@@ -274,12 +277,12 @@ def _native_in_box(
     ]
     labels = organ[np.ix_(*nearest)]
     stack = torch.from_numpy(np.stack([prob[lesion], margin]).astype(np.float32))
-    p_lesion, m = _sample(stack, coords)
+    p_lesion, m = sample_trilinear(stack, coords)
     labels[m > 0] = lesion
     return Segmentation(labels=np.ascontiguousarray(labels), lesion_probability=p_lesion.astype(np.float32))
 
 
-def _sample(stack: torch.Tensor, coords: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
+def sample_trilinear(stack: torch.Tensor, coords: Sequence[npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
     """Trilinear samples of ``stack`` ``[C, k, j, i]`` at the grid of voxel coordinates ``coords`` (one array
     per axis), border values outside: ``[C, len(ck), len(cj), len(ci)]``."""
     grid = torch.stack(
@@ -288,7 +291,9 @@ def _sample(stack: torch.Tensor, coords: Sequence[npt.NDArray[Any]]) -> npt.NDAr
     )  # [k, j, i, (x=i, y=j, z=k)] in voxel units
     size = torch.tensor(stack.shape[1:][::-1], dtype=torch.float32)
     norm = (grid * 2 + 1) / size - 1  # align_corners=False normalisation
-    out = F.grid_sample(stack[None], norm[None], mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(
+        stack[None], norm[None], mode="bilinear", padding_mode="border", align_corners=False
+    )
     result: npt.NDArray[np.float32] = out[0].numpy()
     return result
 
@@ -344,7 +349,7 @@ def _refine_box(
     ]
     crop = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     stack = torch.from_numpy(np.stack([p_lesion[crop], margin[crop]]).astype(np.float32))
-    out = _sample(stack, coords)
+    out = sample_trilinear(stack, coords)
     target = tuple(slice(a, b) for a, b in zip(n_lo, n_hi, strict=True))
     labels[target][out[1] > 0] = LabelId.LESION  # labels hold organs only until here
     lesion_prob[target] = out[0]

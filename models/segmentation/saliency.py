@@ -30,9 +30,9 @@ import torch
 from core.types import BoxKji, LabelId, Volume
 from models.segmentation.inference import (
     MonaiSegmenter,
-    _sample,
     encode_windows,
     native_to_working_box,
+    sample_trilinear,
 )
 
 __all__ = ["LesionSaliency", "occlusion_saliency"]
@@ -87,7 +87,7 @@ def occlusion_saliency(
     def probabilities(hus: torch.Tensor) -> torch.Tensor:
         x = torch.stack([encode_windows(h, windows_hu) for h in hus]).to(segmenter.device)
         with torch.inference_mode():
-            return segmenter._call(x).float().cpu()
+            return segmenter.label_probabilities(x).float().cpu()
 
     p = probabilities(crop[None])[0]
     p0 = p[LabelId.LESION]
@@ -124,7 +124,7 @@ def occlusion_saliency(
         (np.arange(a, b) + 0.5) * (w / n) - 0.5 - o
         for (a, b), n, w, o in zip(native_box, volume.shape, work, lo, strict=True)
     ]
-    drop = _sample(drop_c[None].float(), coords)[0]
+    drop = sample_trilinear(drop_c[None].float(), coords)[0]
     return LesionSaliency(
         box_kji=native_box,
         drop=drop.astype(np.float32),
