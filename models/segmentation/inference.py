@@ -291,9 +291,7 @@ def sample_trilinear(stack: torch.Tensor, coords: Sequence[npt.NDArray[Any]]) ->
     )  # [k, j, i, (x=i, y=j, z=k)] in voxel units
     size = torch.tensor(stack.shape[1:][::-1], dtype=torch.float32)
     norm = (grid * 2 + 1) / size - 1  # align_corners=False normalisation
-    out = F.grid_sample(
-        stack[None], norm[None], mode="bilinear", padding_mode="border", align_corners=False
-    )
+    out = F.grid_sample(stack[None], norm[None], mode="bilinear", padding_mode="border", align_corners=False)
     result: npt.NDArray[np.float32] = out[0].numpy()
     return result
 
