@@ -6,10 +6,12 @@ un-occluded network calls lesion) drops, averaged over the patches that cover it
 supports the finding; near zero: the model does not look there; negative: the region argues against it.
 GradCAM was tried on this kind of network and does not localise; occlusion does.
 
-A patch is occluded by filling it with the typical density of the lesion's neighbourhood (the median HU
-of the crop the network sees), then encoded as the model expects: a lesion that differs from its organ
-disappears under the patch. Filling a patch with its own mean HU was tried first: inside a uniform lesion it
-changes nothing, and on a 23 mm liver lesion the map did not sit on the lesion. MONAI's
+A patch is occluded by filling it with the density of the lesion's surroundings (the median HU of the
+occluded region outside the lesion: liver around a liver lesion, lung around a nodule), then encoded as the
+model expects: under the patch the lesion turns into the tissue around it. Two fills were tried first on the
+demo patient's 20-23 mm liver lesions and left them unexplained (mean drop inside the lesion <= 0): the
+patch's own mean HU (inside a uniform lesion it changes nothing) and the median HU of the whole crop (44-80
+HU: close to the lesions' ~50 HU, not the liver's ~100). MONAI's
 ``OcclusionSensitivity`` (1.6.1) can be given a lesion-score wrapper as its "classifier", but its occlusions
 act on the encoded channels (``gaussian`` darkens both windows towards air, ``mean_patch`` averages the two
 windows together) and its callable mode raises; so the loop is written here, ~40 lines.
@@ -110,8 +112,10 @@ def occlusion_saliency(
         )
         for cs in _product(centres)
     ]
-    inside = _padded(torch.ones_like(hu), window) > 0  # the crop's voxels within the volume
-    fill = float(crop[inside].median())
+    around = torch.zeros_like(target)
+    around[tuple(slice(a, b) for a, b in region_c)] = True
+    around &= ~target & (_padded(torch.ones_like(hu), window) > 0)  # within the volume, not the lesion
+    fill = float(crop[around].median()) if around.any() else float(crop.median())
     total = torch.zeros_like(p0)
     count = torch.zeros_like(p0)
     for i in range(0, len(boxes), batch):
