@@ -4,7 +4,8 @@
 ``<root>/<StudyInstanceUID>/draft.json``  per sentence: model text, replaced or added, and why
 ``<root>/<StudyInstanceUID>/segmentation.npz``  ``labels`` (uint8, [k, j, i]) and ``lesion_probability``
 (float16), with the volume's geometry, so evidence images (key slice + contour) can be drawn later
-without running the model again.
+without running the model again; and ``saliency`` (float16, [0, 1]) once a lesion was explained
+(``interval explain --artifacts``), which the key images overlay.
 
 ``ReusingSegmenter`` puts those label maps to a second use: a prior study that this site analysed before (same
 series, same geometry, same model version) is not segmented again when a follow-up is compared with it.
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,10 @@ import numpy as np
 from adapters.report_json import result_to_json
 from core.errors import InputError
 from core.pipeline import StudyResult
-from core.ports import Segmenter
-from core.types import Segmentation, Volume
+from core.ports import AugmentingSegmenter, Segmenter
+from core.types import BoxKji, Segmentation, Volume
 
-__all__ = ["ReusingSegmenter", "load_artifacts", "save_artifacts", "study_dir"]
+__all__ = ["ReusingSegmenter", "load_artifacts", "save_artifacts", "save_saliency", "study_dir"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -80,6 +82,28 @@ def save_artifacts(result: StudyResult, root: Path) -> Path:
     return folder
 
 
+def save_saliency(root: Path, study_uid: str, overlay: np.ndarray) -> Path:
+    """Add a saliency overlay (volume-shaped, [0, 1]) to a stored analysis's ``segmentation.npz``; where one is
+    stored already (another lesion explained before), the larger value of the two is kept."""
+    folder = study_dir(root, study_uid)
+    path = folder / "segmentation.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    if arrays["labels"].shape != overlay.shape:
+        raise InputError(
+            f"the stored label map has shape {arrays['labels'].shape}, the saliency {overlay.shape}: "
+            "not the same series",
+            study_uid=study_uid,
+        )
+    old = arrays.get("saliency")
+    new = overlay.astype(np.float16)
+    arrays["saliency"] = np.maximum(old, new) if old is not None and old.shape == new.shape else new
+    tmp = folder / ".segmentation.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
 def load_artifacts(root: Path, study_uid: str) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
     """(report.json, segmentation arrays or None); ``FileNotFoundError`` when the study was not analysed."""
     folder = study_dir(root, study_uid)
@@ -106,12 +130,32 @@ class ReusingSegmenter:
     def model_version(self) -> str:
         return self.inner.model_version
 
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        return self.inner.augmentations if isinstance(self.inner, AugmentingSegmenter) else ()
+
+    def augmented_views(self, volume: Volume, boxes_kji: Sequence[BoxKji]) -> list[list[Segmentation]]:
+        """The inner model's test-time augmentation (never stored: only the current study needs it)."""
+        if not isinstance(self.inner, AugmentingSegmenter):
+            return [[] for _ in boxes_kji]
+        return self.inner.augmented_views(volume, boxes_kji)
+
     def segment(self, volume: Volume) -> Segmentation:
         stored = self._stored(volume)
         if stored is not None:
             self.reused += 1
             return stored
         return self.inner.segment(volume)
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        return self.inner.augmentations if isinstance(self.inner, AugmentingSegmenter) else ()
+
+    def augmented_views(self, volume: Volume, boxes_kji: Sequence[BoxKji]) -> list[list[Segmentation]]:
+        """The inner segmenter's test-time augmentation (a stored label map carries none)."""
+        if not isinstance(self.inner, AugmentingSegmenter):
+            return [[] for _ in boxes_kji]
+        return self.inner.augmented_views(volume, boxes_kji)
 
     def _stored(self, volume: Volume) -> Segmentation | None:
         acq = volume.acquisition

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.pipeline import StudyResult, TrackedLesion
-from core.types import PriorFinding, PriorTimePoint
+from core.types import LesionSpread, PriorFinding, PriorTimePoint
 
 __all__ = ["SCHEMA_VERSION", "result_to_json", "result_to_markdown", "result_to_time_point"]
 
@@ -14,6 +14,21 @@ SCHEMA_VERSION = "interval.report/1"
 
 def _r(x: float | None, nd: int = 1) -> float | None:
     return None if x is None else round(float(x), nd)
+
+
+def _spread(s: LesionSpread | None) -> dict[str, Any] | None:
+    """Test-time-augmentation spread: (low, high) over the un-augmented result and each augmentation."""
+    if s is None:
+        return None
+    return {
+        "augmentations": list(s.augmentations),
+        "views": s.views,
+        "detected_in": s.detected_in,
+        "agreement": round(s.agreement, 3),
+        "probability": [round(v, 3) for v in s.probability_range],
+        "long_axis_mm": [round(v, 1) for v in s.long_axis_mm_range],
+        "volume_ml": [round(v, 2) for v in s.volume_ml_range],
+    }
 
 
 def _lesion(t: TrackedLesion) -> dict[str, Any]:
@@ -39,6 +54,8 @@ def _lesion(t: TrackedLesion) -> dict[str, Any]:
             ],
             "centroid_lps_mm": [round(c, 1) for c in det.centroid_lps_mm],
             "probability": round(det.probability, 3),
+            "box_kji": [list(b) for b in det.box_kji] if det.box_kji else None,
+            "tta": _spread(det.spread),
         },
         "prior": None
         if t.prior is None
@@ -141,8 +158,8 @@ def result_to_markdown(result: StudyResult) -> str:
     lines += [
         "## Lesions",
         "",
-        "| lesion | site | role | prior | current | change |",
-        "|---|---|---|---|---|---|",
+        "| lesion | site | role | prior | current | change | confidence |",
+        "|---|---|---|---|---|---|---|",
     ]
     for t in result.lesions:
         m = t.detected.measurement if t.detected else None
@@ -150,7 +167,8 @@ def result_to_markdown(result: StudyResult) -> str:
         cur = f"{m.long_axis_mm:.0f} x {m.short_axis_mm:.0f} mm" if m else t.status.value
         site = t.organ.value.replace("_", " ") + (f" ({t.laterality})" if t.laterality else "")
         lines.append(
-            f"| {t.label} | {site} | {t.role.value if t.role else '—'} | {prior} | {cur} | {t.change.value} |"
+            f"| {t.label} | {site} | {t.role.value if t.role else '—'} | {prior} | {cur} | {t.change.value} "
+            f"| {_confidence_text(t)} |"
         )
     if result.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in result.warnings]
@@ -159,6 +177,20 @@ def result_to_markdown(result: StudyResult) -> str:
         f"Model: `{result.model_version}`. Scanner: {a.manufacturer} {a.model_name}, kernel {a.kernel}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _confidence_text(t: TrackedLesion) -> str:
+    """``p 0.93; flips 4/4, 21-24 mm``: the lesion probability and, with TTA, how many views found it and the
+    range of its long axis."""
+    det = t.detected
+    if det is None:
+        return "—"
+    text = f"p {det.probability:.2f}"
+    s = det.spread
+    if s is not None:
+        lo, hi = s.long_axis_mm_range
+        text += f"; flips {s.detected_in}/{s.views}, {lo:.0f}-{hi:.0f} mm"
+    return text
 
 
 def result_to_time_point(result: StudyResult) -> PriorTimePoint:

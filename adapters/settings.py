@@ -29,10 +29,29 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INTERVAL_", extra="ignore")
 
     environment: Literal["development", "test", "production"] = "development"
+    # The segmentation model (models/segmentation/contract.py): the built-in UNet from ``segmenter_weights``, a
+    # MONAI bundle directory or a TorchScript file (``segmenter_model``). Only point it at models you trust: a
+    # bundle config and a TorchScript file are code.
+    segmenter_kind: Literal["builtin", "bundle", "torchscript"] = "builtin"
     segmenter_weights: Path = _DEFAULT_WEIGHTS
     # per-scanner recalibrations written by `interval calibrate` (models/segmentation/calibration.py); applied
     # to every study whose Manufacturer / model / station they name
     calibration_dir: Path = Path("calibrations")
+    segmenter_model: Path | None = None
+    # What a user's model expects and returns, when its metadata.json does not say (or to override it):
+    # input windows in HU (one channel each), one Interval class per output channel (background, liver, lung,
+    # lesion, other), the grid it was trained on (slice, row, column mm), its sliding-window patch, and whether
+    # it outputs logits or probabilities. JSON in the environment: INTERVAL_SEGMENTER_ROI_KJI='[64, 96, 96]'
+    segmenter_input_windows_hu: list[tuple[float, float]] | None = None
+    segmenter_output_classes: list[Literal["background", "liver", "lung", "lesion", "other"]] | None = None
+    segmenter_spacing_kji_mm: tuple[float, float, float] | None = None
+    segmenter_roi_kji: tuple[int, int, int] | None = None
+    segmenter_output: Literal["logits", "probabilities"] | None = None
+    # Test-time augmentation: each detected lesion's window is run again flipped (lr: left-right, ap:
+    # anterior-posterior, si: head-feet, which the built-in model was not trained for) and the spread of its
+    # probability, long axis and volume is reported. ~0.35 s per lesion for three flips on one CPU thread;
+    # '[]' turns it off. The segmentation itself (and the model version) does not change.
+    segmenter_tta: list[Literal["lr", "ap", "lr+ap", "si"]] = ["lr", "ap", "lr+ap"]
     database_url: str = "sqlite:///interval.db"
     # defaults are the core's own, so that the CLI and a direct caller of analyze_study agree
     min_lesion_long_axis_mm: float = _LESIONS.min_long_axis_mm
@@ -143,6 +162,26 @@ class Settings(BaseSettings):
         if self.test_analysis_delay_s < 0:
             raise ValueError("INTERVAL_TEST_ANALYSIS_DELAY_S must be >= 0")
         return self
+
+    @model_validator(mode="after")
+    def _segmenter_sane(self) -> Settings:
+        if self.segmenter_kind != "builtin" and self.segmenter_model is None:
+            raise ValueError(
+                f"INTERVAL_SEGMENTER_KIND={self.segmenter_kind} needs INTERVAL_SEGMENTER_MODEL: the MONAI bundle "
+                "directory or the TorchScript file"
+            )
+        return self
+
+    def segmenter_declared(self) -> dict[str, object]:
+        """The parts of a user's model contract set here (``models.segmentation.contract``)."""
+        declared = {
+            "input_windows_hu": self.segmenter_input_windows_hu,
+            "output_classes": self.segmenter_output_classes,
+            "spacing_kji_mm": self.segmenter_spacing_kji_mm,
+            "roi_kji": self.segmenter_roi_kji,
+            "output": self.segmenter_output,
+        }
+        return {k: v for k, v in declared.items() if v is not None}
 
     @model_validator(mode="after")
     def _sane(self) -> Settings:

@@ -60,8 +60,10 @@ def _place(
         slice_index=m.slice_index + int(start_kji[0]),
         long_axis_endpoints_kji=(_vec(np.add(e0, offset)), _vec(np.add(e1, offset))),
     )
-    k, j, i = (float(v) for v in np.argwhere(comp).mean(axis=0) + offset)
+    idx = np.argwhere(comp)
+    k, j, i = (float(v) for v in idx.mean(axis=0) + offset)
     c = volume.kji_to_lps([k, j, i])
+    lo, hi = idx.min(axis=0) + np.asarray(start_kji), idx.max(axis=0) + np.asarray(start_kji) + 1
     return DetectedLesion(
         lesion_id=0,
         organ=organ,
@@ -70,6 +72,7 @@ def _place(
         probability=probability,
         voxel_count=int(comp.sum()),
         laterality=laterality_of(volume, (k, j, i)) if organ is Organ.LUNG else None,
+        box_kji=((int(lo[0]), int(hi[0])), (int(lo[1]), int(hi[1])), (int(lo[2]), int(hi[2]))),
     )
 
 

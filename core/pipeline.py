@@ -16,13 +16,14 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from core.confidence import add_spreads
 from core.errors import AnalysisError, IntervalError
 from core.grounding import VerifiedDraft
 from core.history import TimePointAssessment, assess_history, baseline_roles
 from core.irecist import IRecistState, irecist_step
 from core.lesions import LesionFilter, extract_lesions, guided_search
 from core.matching import GATE_MM, MatchResult, find_splits_and_merges, match_lesions
-from core.ports import ImageSource, PriorStore, ReportDrafter, Segmenter
+from core.ports import AugmentingSegmenter, ImageSource, PriorStore, ReportDrafter, Segmenter
 from core.recist import (
     NEW_LESION_MIN_MM,
     CurrentStatus,
@@ -171,6 +172,9 @@ def analyze_study(
     with steps.step("measure") as d:
         detected = extract_lesions(volume, seg, settings.lesion_filter)
         d.append(f"{len(detected)} lesion(s)")
+        if isinstance(segmenter, AugmentingSegmenter) and segmenter.augmentations and detected:
+            detected = add_spreads(volume, seg, detected, segmenter)
+            d.append(f"spread over {1 + len(segmenter.augmentations)} views")
     with steps.step("priors") as d:
         tps = [
             tp

@@ -6,13 +6,14 @@ Tests pass other objects that satisfy them; nothing is monkeypatched.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from core.grounding import VerifiedDraft
 from core.report import ReportFacts
-from core.types import PriorTimePoint, Segmentation, Volume
+from core.types import BoxKji, PriorTimePoint, Segmentation, Volume
 
-__all__ = ["ImageSource", "PriorStore", "ReportDrafter", "Segmenter"]
+__all__ = ["AugmentingSegmenter", "ImageSource", "PriorStore", "ReportDrafter", "Segmenter"]
 
 
 class ImageSource(Protocol):
@@ -42,6 +43,21 @@ class Segmenter(Protocol):
     def model_version(self) -> str: ...
 
     def segment(self, volume: Volume) -> Segmentation: ...
+
+
+@runtime_checkable
+class AugmentingSegmenter(Protocol):
+    """A segmenter that can also show how its result changes under test-time augmentation."""
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        """Names of the augmentations ``augmented_views`` returns, in order (empty: none configured)."""
+        ...
+
+    def augmented_views(self, volume: Volume, boxes_kji: Sequence[BoxKji]) -> list[list[Segmentation]]:
+        """For each box of the volume, the segmentation inside it (box-shaped arrays) under each augmentation
+        (input transformed, output transformed back), in ``augmentations`` order."""
+        ...
 
 
 class ReportDrafter(Protocol):

@@ -21,9 +21,11 @@ import numpy.typing as npt
 
 __all__ = [
     "AcquisitionInfo",
+    "BoxKji",
     "DetectedLesion",
     "FloatArray",
     "LabelId",
+    "LesionSpread",
     "Measurement",
     "Organ",
     "PriorFinding",
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 FloatArray = npt.NDArray[np.float32]
+BoxKji = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # (start, stop) voxel index per k, j, i
 
 
 class Organ(enum.StrEnum):
@@ -202,8 +205,47 @@ class Measurement:
 
 
 @dataclass(frozen=True, slots=True)
+class LesionSpread:
+    """How one lesion's result varies when the model sees the study transformed (test-time augmentation:
+    the input flipped, the output flipped back): a confidence the reader can weigh.
+
+    ``views`` counts the un-augmented result and each augmentation; ``detected_in`` the views in which the
+    model labels lesion voxels overlapping this lesion. Each range is (lowest, highest) over all views; a view
+    that does not find the lesion counts 0 mm and 0 ml. Probability is the mean lesion probability over the
+    lesion's voxels as the un-augmented result drew them.
+    """
+
+    views: int
+    detected_in: int
+    probability_range: tuple[float, float]
+    long_axis_mm_range: tuple[float, float]
+    volume_ml_range: tuple[float, float]
+    augmentations: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.detected_in <= self.views:
+            raise ValueError(f"detected_in must be within 1..views ({self.views}), got {self.detected_in}")
+        for name in ("probability_range", "long_axis_mm_range", "volume_ml_range"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, got {(lo, hi)}")
+
+    @property
+    def agreement(self) -> float:
+        """Fraction of views that find the lesion (1.0: every flip agrees)."""
+        return self.detected_in / self.views
+
+    @property
+    def long_axis_spread_mm(self) -> float:
+        return self.long_axis_mm_range[1] - self.long_axis_mm_range[0]
+
+
+@dataclass(frozen=True, slots=True)
 class DetectedLesion:
-    """A lesion the segmenter found in the current study."""
+    """A lesion the segmenter found in the current study.
+
+    ``box_kji`` is the bounding box of its voxels in the volume; ``spread`` its variation under test-time
+    augmentation, when that was computed."""
 
     lesion_id: int
     organ: Organ
@@ -212,6 +254,8 @@ class DetectedLesion:
     probability: float
     voxel_count: int
     laterality: str | None = None
+    box_kji: BoxKji | None = None
+    spread: LesionSpread | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,7 +98,7 @@ def worklist(request: Request, web: Web, site: str = "", status: str = "prelimin
 
 def _finding_rows(web: WebPages, report: StoredReport) -> list[dict[str, Any]]:
     feedback = web.users.feedback(report.id)
-    saliency = report.seg is not None and "saliency" in report.seg
+    saliency = report.seg.get("saliency") if report.seg is not None else None
     rows = []
     for lesion in (report.analysis or {}).get("lesions", []):
         link = prior_link(report.analysis or {}, lesion)
@@ -110,11 +110,21 @@ def _finding_rows(web: WebPages, report: StoredReport) -> list[dict[str, Any]]:
                 "feedback": feedback.get(lesion["track_id"]),
                 "prior_date": link.date,
                 "has_prior_image": link.study_uid is not None,
-                "saliency": saliency,
+                "saliency": _has_saliency(saliency, lesion),
                 "base": f"/reports/{report.id}/evidence/{quote(lesion['track_id'])}",
             }
         )
     return rows
+
+
+def _has_saliency(saliency: Any, lesion: dict[str, Any]) -> bool:
+    """Whether a saliency map was kept for this lesion (``interval explain --artifacts``): non-zero on its key
+    slice."""
+    current = lesion.get("current")
+    if saliency is None or not current:
+        return False
+    k = int(current.get("slice_index", -1))
+    return 0 <= k < saliency.shape[0] and bool(saliency[k].max() > 0)
 
 
 def _report_page(

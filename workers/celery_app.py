@@ -26,7 +26,6 @@ This module imports no torch and no model: the API process uses ``CeleryRunner``
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -42,7 +41,7 @@ from pydantic import BaseModel, ConfigDict
 
 from adapters.resource_store import ResourceStore
 from adapters.settings import Settings
-from core.errors import ExternalServiceError
+from core.errors import ExternalServiceError, ModelError
 from service.jobs import AnalysisRequest
 
 if TYPE_CHECKING:
@@ -210,20 +209,26 @@ def _no_urls_in_logs(**_: Any) -> None:
 
 def api_model_version(settings: Settings) -> str:
     """The model version an API process keys Tasks with, without loading the model: ``settings.model_version``,
-    else the ground truth's (test hook), else the version ``MonaiSegmenter`` gives ``segmenter_weights`` (the
-    same digest of the file; a worker whose model differs refuses the job with a message saying so)."""
+    else the ground truth's (test hook), else the version the workers' segmenter gives the configured model
+    (``models.segmentation.contract.ModelSource.version``: the same digest of its files, read without torch; a
+    worker whose model differs refuses the job with a message saying so)."""
     if settings.model_version:
         return settings.model_version
     if settings.test_segmenter is not None:
         return TRUTH_MODEL_VERSION
+    from models.segmentation.contract import source_from_settings  # no torch: the API loads no model
+
     try:
-        raw = settings.segmenter_weights.read_bytes()
-    except OSError as exc:
+        return source_from_settings(settings).version()
+    except (OSError, ModelError) as exc:
+        what = (
+            settings.segmenter_model if settings.segmenter_kind != "builtin" else settings.segmenter_weights
+        )
         raise ExternalServiceError(
-            f"cannot read the segmenter weights {settings.segmenter_weights.name!r} to name the model version "
-            f"({type(exc).__name__}); set INTERVAL_MODEL_VERSION or INTERVAL_SEGMENTER_WEIGHTS"
+            f"cannot read the segmentation model {what.name if what else ''!r} to name the model version "
+            f"({exc if isinstance(exc, ModelError) else type(exc).__name__}); set INTERVAL_MODEL_VERSION or the "
+            "INTERVAL_SEGMENTER_* settings"
         ) from None
-    return f"interval-seg-unet-{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
 class CeleryRunner:

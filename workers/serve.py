@@ -71,11 +71,11 @@ def build_analyzer(
         import torch
 
         from models.segmentation.calibration import CalibratedSegmenter, CalibrationRegistry
-        from models.segmentation.inference import MonaiSegmenter
+        from models.segmentation.inference import segmenter_from_settings
 
         torch.set_num_threads(1)
         calibrated = CalibratedSegmenter(
-            MonaiSegmenter(settings.segmenter_weights), CalibrationRegistry.load(settings.calibration_dir)
+            segmenter_from_settings(settings), CalibrationRegistry.load(settings.calibration_dir)
         )
         segmenter = ReusingSegmenter(calibrated, settings.artifacts_dir)
     pacs = images.client if isinstance(images, DicomWebImageSource) else pacs_client(settings)

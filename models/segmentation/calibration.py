@@ -28,6 +28,7 @@ import json
 import logging
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from scipy import ndimage
 from adapters.dicom_series import load_study
 from core.errors import ModelError
 from core.lesions import LesionFilter
-from core.types import AcquisitionInfo, LabelId, Segmentation, Volume
+from core.types import AcquisitionInfo, BoxKji, LabelId, Segmentation, Volume
 from models.segmentation.inference import MonaiSegmenter, to_segmentation
 from models.segmentation.validation import TARGETS, cohort_studies, score_study
 
@@ -154,6 +155,15 @@ class CalibratedSegmenter:
         self.applied[cal.scanner] += 1
         log.info("site calibration for %s applied", cal.scanner)
         return self.inner.segment(apply_intensity(volume, cal), lesion_logit_bias=cal.lesion_logit_bias)
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        return self.inner.augmentations
+
+    def augmented_views(self, volume: Volume, boxes_kji: Sequence[BoxKji]) -> list[list[Segmentation]]:
+        """Test-time augmentation on the same calibrated input the segmentation saw."""
+        cal = self.registry.lookup(volume.acquisition, self.inner.model_version)
+        return self.inner.augmented_views(apply_intensity(volume, cal) if cal else volume, boxes_kji)
 
 
 def intensity_stats(volume: Volume, labels: np.ndarray) -> tuple[float, float]:

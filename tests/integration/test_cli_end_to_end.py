@@ -51,8 +51,11 @@ def test_analyze_writes_a_report_that_matches_the_truth(demo_patient, tmp_path):
         assert got["current"] is not None, les["label"]
         key = "short_axis_mm" if les["organ"] == "lymph_node" else "long_axis_mm"
         assert measurement_ok(got["current"][key], les[key]), (les["label"], got["current"][key], les[key])
+    # every lesion the model measured carries its TTA spread (three flips + the un-augmented view)
+    detected = [les for les in report["lesions"] if les["current"] is not None and not les["guided"]]
+    assert detected and all(les["current"]["tta"]["views"] == 4 for les in detected)
     md = (out / "report.md").read_text()
-    assert "## Impression" in md and truth["recist"]["category"] in md
+    assert "## Impression" in md and truth["recist"]["category"] in md and "flips 4/4" in md
     assert "Traceback" not in proc.stderr
     assert (out / "history.png").exists() and (out / "history.svg").exists()
     # the same track ids travel as mCODE Tumor BodyStructure identifiers and DICOM Tracking UIDs
@@ -68,6 +71,33 @@ def test_analyze_writes_a_report_that_matches_the_truth(demo_patient, tmp_path):
     assert {g.tracking_uid for g in sr.content.get_planar_roi_measurement_groups()} == {
         sr_tracking_uid(t) for t in measured
     }
+
+    # a reader asks why L-something is a lesion: the saliency is drawn and kept with the stored analysis
+    import numpy as np
+
+    artifacts = tmp_path / "artifacts"
+    stored = artifacts / report["study"]["study_uid"]
+    stored.mkdir(parents=True)
+    (stored / "report.json").write_text(json.dumps(report))
+    np.savez(stored / "segmentation.npz", labels=np.zeros(report["study"]["shape_kji"], np.uint8))
+    label = detected[0]["label"]
+    proc = _interval(
+        "explain",
+        str(follow / "dicom"),
+        "--lesion",
+        label,
+        "--artifacts",
+        str(artifacts),
+        "--out",
+        str(tmp_path / "why.png"),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "why.png").read_bytes()[:4] == b"\x89PNG" and "saliency kept in" in proc.stdout
+    with np.load(stored / "segmentation.npz") as z:
+        saliency = z["saliency"]
+    k = detected[0]["current"]["slice_index"]
+    assert saliency.max() == 1.0 and saliency[k].max() > 0
 
 
 def test_demo_command_exits_zero_and_agrees_with_truth(tmp_path):

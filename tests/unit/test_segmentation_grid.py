@@ -8,8 +8,10 @@ import datetime as dt
 import json
 
 import numpy as np
+import pytest
 
-from adapters.artifacts import ReusingSegmenter
+from adapters.artifacts import ReusingSegmenter, load_artifacts, save_saliency
+from core.errors import InputError
 from core.lesions import LesionFilter, extract_lesions
 from core.types import AcquisitionInfo, LabelId, Segmentation, Volume
 from models.segmentation.inference import _to_native, working_shape
@@ -107,3 +109,23 @@ def test_stored_label_map_is_reused_only_for_the_same_model_series_and_geometry(
     assert inner.calls == 5 and seg.reused == 1
     (tmp_path / "1.2.3" / "segmentation.npz").write_bytes(b"not an npz")
     assert (seg.segment(vol).labels == LabelId.LIVER).all()  # unreadable: the model runs
+
+
+def test_an_explained_lesions_saliency_is_kept_with_the_stored_analysis(tmp_path):
+    """``interval explain --artifacts``: the overlay the report page draws; a second lesion adds to the first."""
+    _store(tmp_path)
+    first = np.zeros((4, 8, 8), np.float32)
+    first[1, 2:4, 2:4] = 1.0
+    second = np.zeros((4, 8, 8), np.float32)
+    second[2, 5:7, 5:7] = 0.5
+    save_saliency(tmp_path, "1.2.3", first)
+    save_saliency(tmp_path, "1.2.3", second)
+    _, arrays = load_artifacts(tmp_path, "1.2.3")
+    assert arrays is not None and arrays["saliency"].dtype == np.float16
+    assert np.allclose(arrays["saliency"], np.maximum(first, second))
+    assert (arrays["labels"] == LabelId.LESION).all()  # the rest is unchanged
+    # the ReusingSegmenter still reads the stored label map
+    vol = Volume(np.zeros((4, 8, 8), np.float32), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), acquisition=_acq("1.2.4"))
+    assert (ReusingSegmenter(_Counting(), tmp_path).segment(vol).labels == LabelId.LESION).all()
+    with pytest.raises(InputError, match="not the same series"):
+        save_saliency(tmp_path, "1.2.3", np.zeros((4, 8, 9), np.float32))

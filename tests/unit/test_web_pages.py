@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -323,3 +324,51 @@ def test_a_signature_the_ehr_did_not_take_is_recorded_and_can_be_sent_again(tmp_
         assert store.read("DiagnosticReport", report_id)["status"] == "final"  # signed here all the same
         again = client.post(f"/reports/{report_id}/resend", data={"csrf_token": _csrf(page.text)})
         assert again.status_code == 200 and "failed: the EHR did not answer" in again.text
+
+
+def test_a_finding_shows_its_tta_confidence_and_whether_its_saliency_was_computed(
+    site: Site, tmp_path: Path
+) -> None:
+    stored = site.store.read("DiagnosticReport", site.report_id)
+    _artifacts(tmp_path / "artifacts", report_text(stored))
+    study = tmp_path / "artifacts" / "1.2.3.4"
+    analysis = json.loads((study / "report.json").read_text())
+
+    def lesion(label: str, k: int) -> dict:
+        return {
+            "track_id": f"2.25.{k}",
+            "label": label,
+            "organ": "liver",
+            "laterality": None,
+            "recist_role": "target",
+            "status": "measured",
+            "change": "baseline",
+            "current": {
+                "long_axis_mm": 22.0,
+                "short_axis_mm": 15.0,
+                "volume_ml": 3.1,
+                "slice_index": k,
+                "long_axis_endpoints_kji": [[k, 10.0, 10.0], [k, 10.0, 20.0]],
+                "centroid_lps_mm": [10.0, 10.0, 10.0],
+                "probability": 0.93,
+                "tta": {
+                    "views": 4,
+                    "detected_in": 3,
+                    "long_axis_mm": [0.0, 24.0],
+                    "probability": [0.2, 0.95],
+                },
+            },
+            "prior": None,
+        }
+
+    analysis["lesions"] = [lesion("L1", 2), lesion("L2", 5)]
+    (study / "report.json").write_text(json.dumps(analysis))
+    saliency = np.zeros((8, 16, 16), np.float16)
+    saliency[2, 4:8, 4:8] = 1.0  # L1 was explained, L2 was not
+    np.savez(study / "segmentation.npz", labels=np.zeros((8, 16, 16), np.uint8), saliency=saliency)
+    _login(site.client, "rad")
+    page = site.client.get(f"/reports/{site.report_id}").text
+    assert "93% lesion probability · found in 3 of 4 flipped views, long axis 0–24 mm" in page
+    l1, l2 = page.split('id="finding-L1"')[1].split('id="finding-L2"')
+    assert "occlusion saliency shown on the key slice" in l1
+    assert "saliency not available (not computed for this lesion" in l2 and "--lesion L2" in l2
