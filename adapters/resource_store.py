@@ -72,6 +72,7 @@ __all__ = [
     "ResourceStore",
     "VersionConflict",
     "format_instant",
+    "make_engine",
     "parse_etag",
 ]
 
@@ -181,7 +182,7 @@ class ResourceStore:
 
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
-        self._engine = _make_engine(database_url)
+        self._engine = make_engine(database_url)
         self._sqlite = self._engine.dialect.name == "sqlite"
         # one writer at a time on SQLite; PostgreSQL orders writers with row locks instead
         self._lock: threading.RLock | None = threading.RLock() if self._sqlite else None
@@ -215,11 +216,19 @@ class ResourceStore:
                 row = s.get(_Version, (resource_type, resource_id, version))
             return copy.deepcopy(row.body) if row is not None else None
 
-    def update(self, resource: dict[str, Any], if_match: str | None = None) -> dict[str, Any]:
+    def update(
+        self,
+        resource: dict[str, Any],
+        if_match: str | None = None,
+        *,
+        also_create: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
         """Replace the current version of an existing resource (``resource["id"]``).
 
         With ``if_match`` (``W/"n"``) the update only happens when ``n`` is still the current
         version, else ``VersionConflict``; an unknown id raises ``ResourceNotFoundError``.
+        ``also_create`` are new resources stored in the same transaction (the AuditEvent of the change:
+        no change without its record, no record of a change that did not happen).
         """
         rtype, rid = str(resource.get("resourceType")), resource.get("id")
         if not is_fhir_id(rid):
@@ -235,7 +244,10 @@ class ResourceStore:
                     "re-apply the change",
                     current_version=row.version_id,
                 )
-            return self._replace(s, row, copy.deepcopy(resource))
+            stored = self._replace(s, row, copy.deepcopy(resource))
+            for extra in also_create:
+                self._insert(s, copy.deepcopy(extra), uuid.uuid4().hex)
+            return stored
 
     def search(self, resource_type: str, params: SearchParams) -> tuple[list[dict[str, Any]], int]:
         """Resources matching FHIR search ``params`` (one page) and the total number of matches."""
@@ -486,7 +498,9 @@ class _Plan:
     if_match: int | None
 
 
-def _make_engine(url: str) -> Engine:
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` as Interval's stores use it: PostgreSQL with pre-ping; SQLite shared between
+    threads, WAL on files, waiting (not failing) on a busy database."""
     if not url.startswith("sqlite"):
         return create_engine(url, pool_pre_ping=True)
     memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url

@@ -9,10 +9,11 @@ import datetime as dt
 from typing import Protocol
 
 from core.grounding import VerifiedDraft
+from core.oversight import AiSwitch
 from core.report import ReportFacts
 from core.types import PriorTimePoint, Segmentation, Volume
 
-__all__ = ["ImageSource", "PriorStore", "ReportDrafter", "Segmenter"]
+__all__ = ["AiSwitchReader", "ImageSource", "PriorStore", "ReportDrafter", "Segmenter"]
 
 
 class ImageSource(Protocol):
@@ -51,3 +52,11 @@ class ReportDrafter(Protocol):
     def model_version(self) -> str: ...
 
     def draft(self, facts: ReportFacts) -> VerifiedDraft: ...
+
+
+class AiSwitchReader(Protocol):
+    """Where each site's AI switch is recorded (``core.oversight``; the database in production)."""
+
+    def current(self, site: str) -> AiSwitch | None:
+        """The site's latest switch setting, or None when none was ever recorded (AI is used)."""
+        ...
