@@ -305,6 +305,16 @@ class UserStore:
             row = s.get(_User, username)
             return _user(row) if row is not None and row.active else None
 
+    def sites(self) -> set[str]:
+        """Every site some active account reads (``*`` included when someone reads all)."""
+        with self._tx() as s:
+            return {
+                site
+                for row in s.scalars(select(_User).where(_User.active.is_(True)))
+                for site in row.sites.split(",")
+                if site
+            }
+
     def set_password(self, username: str, password: str) -> None:
         hashed = hash_password(password)
         with self._tx() as s:
