@@ -9,14 +9,11 @@ change applies to every analysis that starts after it, in every worker process.
 from __future__ import annotations
 
 import datetime as dt
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 
 from sqlalchemy import Boolean, DateTime, Index, Integer, String, Text, func, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from adapters.resource_store import make_engine
+from adapters.sql_store import SqlStore
 from core.oversight import AiSwitch
 
 __all__ = ["AiSwitchStore"]
@@ -41,24 +38,11 @@ def _switch(row: _Change) -> AiSwitch:
     return AiSwitch(row.site, row.ai_enabled, row.changed_by, row.changed_at, row.reason, row.pk)
 
 
-class AiSwitchStore:
+class AiSwitchStore(SqlStore):
     """Each site's AI switch and its history; safe to share between threads (``core.ports.AiSwitchReader``)."""
 
     def __init__(self, database_url: str) -> None:
-        self._engine = make_engine(database_url)
-        self._lock: threading.RLock | None = (
-            threading.RLock() if self._engine.dialect.name == "sqlite" else None
-        )
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        _Base.metadata.create_all(self._engine)
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with self._lock or nullcontext(), self._sessions() as session, session.begin():
-            yield session
+        super().__init__(database_url, _Base.metadata)
 
     def set(self, site: str, ai_enabled: bool, changed_by: str, reason: str) -> AiSwitch:
         """Record a new setting (now); ``ValueError`` for a bad site or a missing reason. Returns it stored."""

@@ -19,6 +19,9 @@ InstitutionName yet); the web pages map it to a site name and let only that site
 Every resource Interval creates carries an identifier derived from (study, model version, track), and is
 created with ``ifNoneExist``: publishing the same analysis twice does not duplicate anything.
 
+When the study's site has AI switched off, the analysis publishes nothing: ``ai_not_used_bundle`` holds the
+ImagingStudy only, for Interval's own store, tagged ``AI_OUTCOME_SYSTEM|ai-not-used``.
+
 Signing (``sign_report``) updates the report with ``If-Match`` to ``final`` (``amended`` when it was final
 already) with the radiologist as ``resultsInterpreter`` and adds a Provenance naming the radiologist.
 """

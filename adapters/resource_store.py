@@ -20,10 +20,8 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import re
-import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl
@@ -37,19 +35,15 @@ from sqlalchemy import (
     String,
     Text,
     and_,
-    create_engine,
     delete,
-    event,
     exists,
     func,
     or_,
     select,
     text,
 )
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from adapters.fhir_search import (
     MAX_TOKEN_CHARS,
@@ -63,6 +57,7 @@ from adapters.fhir_search import (
     parse_query,
 )
 from adapters.fhir_validation import InvalidResourceError, is_fhir_id, validate_resource
+from adapters.sql_store import SqlStore
 from core.errors import IntervalError
 
 __all__ = [
@@ -72,7 +67,6 @@ __all__ = [
     "ResourceStore",
     "VersionConflict",
     "format_instant",
-    "make_engine",
     "parse_etag",
 ]
 
@@ -177,38 +171,26 @@ def parse_etag(value: str) -> int:
     return int(match.group(1))
 
 
-class ResourceStore:
+class ResourceStore(SqlStore):
     """FHIR resources with versions, search columns and the analysis job table."""
 
     def __init__(self, database_url: str) -> None:
+        # one writer at a time on SQLite; PostgreSQL orders writers with row locks instead (SqlStore)
+        super().__init__(database_url, _Base.metadata)
         self.database_url = database_url
-        self._engine = make_engine(database_url)
-        self._sqlite = self._engine.dialect.name == "sqlite"
-        # one writer at a time on SQLite; PostgreSQL orders writers with row locks instead
-        self._lock: threading.RLock | None = threading.RLock() if self._sqlite else None
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        _Base.metadata.create_all(self._engine)
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Session]:
-        with self._lock or nullcontext(), self._sessions() as session, session.begin():
-            yield session
 
     # --- resources ------------------------------------------------------------------------------
 
     def create(self, resource: dict[str, Any]) -> dict[str, Any]:
         """Store a new resource under a fresh id (uuid4 hex); returns it with ``id`` and ``meta`` set."""
-        with self._transaction() as s:
+        with self._tx() as s:
             return self._insert(s, copy.deepcopy(resource), uuid.uuid4().hex)
 
     def read(self, resource_type: str, resource_id: str, version: int | None = None) -> dict[str, Any] | None:
         """The current version (or version ``version``) of a resource, or None."""
         if not is_fhir_id(resource_id):
             return None
-        with self._transaction() as s:
+        with self._tx() as s:
             row: _Resource | _Version | None
             if version is None:
                 row = s.get(_Resource, (resource_type, resource_id))
@@ -234,7 +216,7 @@ class ResourceStore:
         if not is_fhir_id(rid):
             raise InvalidResourceError(f"{rtype}.id", "an update needs the resource's id")
         expected = parse_etag(if_match) if if_match is not None else None
-        with self._transaction() as s:
+        with self._tx() as s:
             row = s.get(_Resource, (rtype, rid), with_for_update=True)
             if row is None:
                 raise ResourceNotFoundError(f"{rtype}/{rid} does not exist")
@@ -255,7 +237,7 @@ class ResourceStore:
 
     def run_query(self, query: Query) -> tuple[list[dict[str, Any]], int]:
         """Like ``search`` for an already parsed ``Query``."""
-        with self._transaction() as s:
+        with self._tx() as s:
             where = self._where(query)
             total = s.scalar(select(func.count()).select_from(_Resource).where(*where)) or 0
             if query.count == 0:
@@ -285,7 +267,7 @@ class ResourceStore:
         entries = bundle.get("entry") or []
         if not isinstance(entries, list):
             raise InvalidResourceError("Bundle.entry", "expected a list of entries")
-        with self._transaction() as s:
+        with self._tx() as s:
             plans, targets = self._plan(s, entries)
             for plan in plans:
                 if plan.reuse:
@@ -311,12 +293,12 @@ class ResourceStore:
     # --- analysis jobs --------------------------------------------------------------------------
 
     def job(self, key: str) -> Job | None:
-        with self._transaction() as s:
+        with self._tx() as s:
             row = s.get(_Job, key)
             return _job(row) if row is not None else None
 
     def job_for_task(self, task_id: str) -> Job | None:
-        with self._transaction() as s:
+        with self._tx() as s:
             row = s.scalars(select(_Job).where(_Job.task_id == task_id)).first()
             return _job(row) if row is not None else None
 
@@ -326,7 +308,7 @@ class ResourceStore:
         ``requested``, attempts + 1: ``requeued``). Safe against concurrent callers."""
         for _ in range(3):
             try:
-                with self._transaction() as s:
+                with self._tx() as s:
                     return self._enqueue(s, key, task)
             except IntegrityError:
                 continue  # another caller inserted the same key first: read theirs
@@ -496,29 +478,6 @@ class _Plan:
     resource: dict[str, Any]
     reuse: bool
     if_match: int | None
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``url`` as Interval's stores use it: PostgreSQL with pre-ping; SQLite shared between
-    threads, WAL on files, waiting (not failing) on a busy database."""
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": 30},
-        poolclass=StaticPool if memory else None,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    return engine
 
 
 def _items(params: SearchParams) -> list[tuple[str, str]]:

@@ -7,8 +7,13 @@ the store or the runner, and map results: the work happens in ``adapters.resourc
 
 Interactions (``service.capability.SERVED``): Task create/read/vread/search (create is idempotent per
 StudyInstanceUID + model version); DiagnosticReport read/vread/search/update (If-Match required);
-Observation, BodyStructure and Provenance read/vread/search. ``GET /fhir/metadata`` needs no token;
-everything else needs a bearer JWT with the SMART system scope of the interaction (``service.auth``).
+Observation, BodyStructure, Provenance and AuditEvent read/vread/search. ``GET /fhir/metadata`` needs no
+token; everything else needs a bearer JWT with the SMART scope of the interaction (``service.auth``).
+
+Human oversight (``service.signoff``): an update that makes a report ``final``/``amended`` or changes a signed
+one needs a radiologist's user-level token (403 otherwise) and every AI finding reviewed (422 otherwise); every
+update, signature and refusal is recorded as an AuditEvent. The per-site AI switch has its own small JSON API
+(``service.ai_switch``).
 
 The web pages for radiologists and clinicians (``service.web``: sessions, not bearer tokens) are mounted on
 the same app, outside ``/fhir``.

@@ -1,13 +1,14 @@
 """The radiologist's pages: the worklist, the draft editor with its evidence, and signing.
 
 - ``/worklist``: drafts awaiting review, most urgent first (progression and new lesions), filtered by site
-  and status.
+  and status; below them the studies whose site had AI switched off ("AI not used").
 - ``/reports/{id}``: the draft editor. Every sentence shows where it came from (deterministic wording, model
   text, replaced or added by the verifier, edited by a person) and whether it agrees with the measurements;
   each finding shows its key slice with the contour, the matched prior slice, the saliency overlay when the
   model computed one, the confidence and the measurement, and can be accepted or rejected (a rejected
   finding leaves the report and is kept as feedback).
-- Sign -> ``final``; a signed report is amended -> ``amended``; both in Interval's store with a Provenance
+- Sign -> ``final`` once every AI finding is accepted or rejected (``service.signoff``: refused with the pending
+  ones named, the text kept); a signed report is amended -> ``amended``; both in Interval's store with a Provenance
   naming the radiologist, and at the EHR (``service.web_ehr``) when one is configured. The diff between the
   draft and the signed text is kept (``service.users``). A signature the EHR did not take can be sent again.
 

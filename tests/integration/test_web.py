@@ -449,7 +449,7 @@ def test_report_text_from_the_model_is_escaped_too(stack: Stack) -> None:
 
 
 def test_an_admin_switches_ai_off_for_the_site_and_the_next_study_is_read_without_ai(
-    stack: Stack, context: BrowserContext
+    stack: Stack, context: BrowserContext, browser: Browser
 ) -> None:
     page = context.new_page()
     _login(page, stack, "boss")
@@ -492,12 +492,16 @@ def test_an_admin_switches_ai_off_for_the_site_and_the_next_study_is_read_withou
         )
         assert not (stack.artifacts_dir / _study_uid(stack.patient, 1)).exists()  # no segmentation was kept
         # the radiologist's worklist says so
-        reader = context.new_page()
-        _login(reader, stack, "one", "/worklist")
-        row = reader.get_by_test_id("ai-not-used").locator(f"tr[data-task='{done['id']}']")
-        expect(row).to_contain_text("AI not used")
-        expect(row).to_contain_text("north")
-        _shot(reader, "10-worklist-ai-not-used")
+        own = browser.new_context(viewport={"width": 1400, "height": 1000})
+        try:
+            reader = own.new_page()
+            _login(reader, stack, "one", "/worklist")
+            row = reader.get_by_test_id("ai-not-used").locator(f"tr[data-task='{done['id']}']")
+            expect(row).to_contain_text("AI not used")
+            expect(row).to_contain_text("north")
+            _shot(reader, "10-worklist-ai-not-used")
+        finally:
+            own.close()
     finally:
         page.goto(f"{stack.url}/admin/ai")
         page.get_by_test_id("site").fill("north")
