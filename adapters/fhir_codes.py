@@ -26,6 +26,8 @@ EXT_CENTROID = f"{EXT_BASE}/lesion-centroid-lps"
 EXT_ROLE = f"{EXT_BASE}/recist-role"
 LABEL_SYSTEM = "http://interval.local/fhir/lesion-label"
 PATIENT_ID_SYSTEM = "http://interval.local/fhir/mrn"
+USER_SYSTEM = "http://interval.local/fhir/user"  # an Interval account (its user name), e.g. the signer
+API_CLIENT_SYSTEM = "http://interval.local/fhir/api-client"  # an API client (its token's sub)
 
 ORGAN_SNOMED: dict[Organ, tuple[str, str]] = {
     Organ.LIVER: ("10200004", "Liver structure"),

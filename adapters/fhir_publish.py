@@ -19,6 +19,9 @@ InstitutionName yet); the web pages map it to a site name and let only that site
 Every resource Interval creates carries an identifier derived from (study, model version, track), and is
 created with ``ifNoneExist``: publishing the same analysis twice does not duplicate anything.
 
+When the study's site has AI switched off, the analysis publishes nothing: ``ai_not_used_bundle`` holds the
+ImagingStudy only, for Interval's own store, tagged ``AI_OUTCOME_SYSTEM|ai-not-used``.
+
 Signing (``sign_report``) updates the report with ``If-Match`` to ``final`` (``amended`` when it was final
 already) with the radiologist as ``resultsInterpreter`` and adds a Provenance naming the radiologist.
 """
@@ -37,14 +40,22 @@ from adapters.fhir_client import FhirClient
 from adapters.fhir_priors import tumor_size, tumor_structure
 from adapters.report_json import result_to_time_point
 from core.errors import ExternalRequestError
+from core.oversight import AiDecision
 from core.pipeline import StudyResult
 from core.recist import Response
 from core.report import ReportText
+from core.types import AcquisitionInfo
 
 __all__ = [
+    "AIAST",
+    "AI_NOT_USED",
+    "AI_OUTCOME_SYSTEM",
     "EHR_REPORT_SYSTEM",
+    "MODEL_ID_SYSTEM",
+    "OBSERVATION_ID_SYSTEM",
     "SITE_EXTENSION",
     "PublishedReport",
+    "ai_not_used_bundle",
     "publish_report",
     "report_bundle",
     "report_identifier",
@@ -75,6 +86,9 @@ MODEL_ID_SYSTEM = "http://interval.local/fhir/model"
 # on Interval's copy of a report: where the EHR holds the published one (base URL + "/DiagnosticReport/<id>")
 EHR_REPORT_SYSTEM = "http://interval.local/fhir/ehr-report"
 SITE_EXTENSION = "http://interval.local/fhir/StructureDefinition/acquisition-site"
+# Task.businessStatus (and the analysis Bundle's tag) when a study's site has AI switched off
+AI_OUTCOME_SYSTEM = "http://interval.local/fhir/CodeSystem/ai-outcome"
+AI_NOT_USED = "ai-not-used"
 
 
 def _urn(*parts: str) -> str:
@@ -132,22 +146,7 @@ def report_bundle(
     entries.append(_conditional(device_url, device, MODEL_ID_SYSTEM, version))
 
     study_url = _urn("ImagingStudy", acq.study_uid)
-    study = {
-        "resourceType": "ImagingStudy",
-        **({"extension": site_ext} if site_ext else {}),
-        "identifier": [{"system": C.DICOM_UID, "value": f"urn:oid:{acq.study_uid}"}],
-        "status": "available",
-        "subject": {"reference": patient_ref},
-        "started": date,
-        "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
-        "series": [
-            {
-                "uid": acq.series_uid,
-                "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"},
-            }
-        ],
-    }
-    entries.append(_conditional(study_url, study, C.DICOM_UID, f"urn:oid:{acq.study_uid}"))
+    entries.append(_study_entry(study_url, acq, {"reference": patient_ref}, site_ext))
 
     current = result_to_time_point(result)
     focus: dict[str, str] = {}
@@ -248,6 +247,35 @@ def report_bundle(
         }
     )
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _study_entry(
+    url: str, acq: AcquisitionInfo, subject: dict[str, Any], site_ext: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The ImagingStudy, created conditionally on its StudyInstanceUID, with the acquisition site."""
+    dcm = "http://dicom.nema.org/resources/ontology/DCM"
+    study = {
+        "resourceType": "ImagingStudy",
+        **({"extension": site_ext} if site_ext else {}),
+        "identifier": [{"system": C.DICOM_UID, "value": f"urn:oid:{acq.study_uid}"}],
+        "status": "available",
+        "subject": subject,
+        "started": acq.study_date.isoformat(),
+        "modality": [{"system": dcm, "code": "CT"}],
+        "series": [{"uid": acq.series_uid, "modality": {"system": dcm, "code": "CT"}}],
+    }
+    return _conditional(url, study, C.DICOM_UID, f"urn:oid:{acq.study_uid}")
+
+
+def ai_not_used_bundle(acq: AcquisitionInfo, subject: dict[str, Any], decision: AiDecision) -> dict[str, Any]:
+    """What an analysis stores when the study's site has AI switched off: the ImagingStudy (with its site) and
+    no DiagnosticReport, in a transaction Bundle tagged ``AI_OUTCOME_SYSTEM|ai-not-used`` whose tag display
+    says why (``service.jobs.complete_task`` completes the Task with that state). ``subject`` is the Task's
+    patient (a reference, or an identifier when the Task named none)."""
+    site_ext = [{"url": SITE_EXTENSION, "valueString": acq.station_name}] if acq.station_name else []
+    entry = _study_entry(_urn("ImagingStudy", acq.study_uid), acq, subject, site_ext)
+    tag = {"system": AI_OUTCOME_SYSTEM, "code": AI_NOT_USED, "display": decision.explanation()}
+    return {"resourceType": "Bundle", "type": "transaction", "meta": {"tag": [tag]}, "entry": [entry]}
 
 
 def _text_attachment(text: str, when: dt.datetime) -> dict[str, Any]:

@@ -64,6 +64,9 @@ class SearchParam:
     documentation: str
     # the reference's resource type when a bare id is given (``patient=123`` means ``Patient/123``)
     default_target: str | None = None
+    # a reference parameter that also takes ``:identifier`` (``agent:identifier=system|value``): the referenced
+    # thing by its identifier, for agents and entities that are not resources here (a user, a finding)
+    by_identifier: bool = False
 
 
 _ID = SearchParam("_id", "token", "The resource's logical id (comma-separated ids: any of them).")
@@ -90,6 +93,11 @@ SEARCH_PARAMS: dict[str, tuple[SearchParam, ...]] = {
         _IDENTIFIER,
         SearchParam("code", "token", "Task.code, as system|code or code."),
         SearchParam("authored-on", "date", "Task.authoredOn with prefix eq, ge, gt, le or lt."),
+        SearchParam(
+            "business-status",
+            "token",
+            "Task.businessStatus, as system|code or code (ai-not-used: the site's AI switch was off).",
+        ),
     ),
     "DiagnosticReport": (
         _patient("DiagnosticReport.subject"),
@@ -132,6 +140,36 @@ SEARCH_PARAMS: dict[str, tuple[SearchParam, ...]] = {
             default_target="Patient",
         ),
     ),
+    "AuditEvent": (
+        SearchParam(
+            "entity",
+            "reference",
+            "What the event was about (AuditEvent.entity.what), as Type/id (DiagnosticReport/id, Task/id); "
+            "entity:identifier=system|value for a finding (urn:dicom:uid|urn:oid:<track UID>) or a switch change.",
+            by_identifier=True,
+        ),
+        SearchParam(
+            "agent",
+            "reference",
+            "Who did it (AuditEvent.agent.who), as Type/id (Device/id: the model); agent:identifier=system|value "
+            "for a person (http://interval.local/fhir/user|<user name>) or an API client "
+            "(http://interval.local/fhir/api-client|<client id>), or agent:identifier=<value>.",
+            by_identifier=True,
+        ),
+        _patient("AuditEvent.entity.what of type Patient"),
+        SearchParam("date", "date", "AuditEvent.recorded with prefix eq, ge, gt, le or lt."),
+        SearchParam(
+            "subtype",
+            "token",
+            "AuditEvent.subtype, as system|code or code (report-view, report-edit, finding-accept, finding-reject, "
+            "report-sign, report-amend, ai-output, ai-not-used, patient-view, ai-switch-change).",
+        ),
+        SearchParam(
+            "type", "token", "AuditEvent.type (DICOM 110110 Patient Record, 110113 Security Alert, ...)."
+        ),
+        SearchParam("action", "token", "AuditEvent.action: C, R, U or E."),
+        SearchParam("outcome", "token", "AuditEvent.outcome: 0 (done) or 4 (refused)."),
+    ),
 }
 
 
@@ -155,26 +193,35 @@ def extract(resource: dict[str, Any]) -> Extracted:
         if isinstance(ident, dict) and isinstance(ident.get("value"), str):
             tokens.append(("identifier", _str(ident.get("system")), ident["value"]))
 
-    def refs(param: str, value: Any, *, patient: bool = False) -> None:
+    def refs(param: str, value: Any, *, patient: bool = False, by_identifier: bool = False) -> None:
         for ref in _as_list(value):
-            target = parse_reference(ref.get("reference")) if isinstance(ref, dict) else None
+            if not isinstance(ref, dict):
+                continue
+            ident = ref.get("identifier")
+            if by_identifier and isinstance(ident, dict) and isinstance(ident.get("value"), str):
+                tokens.append((f"{param}:identifier", _str(ident.get("system")), ident["value"]))
+            target = parse_reference(ref.get("reference"))
             if target is None:
                 continue
             tokens.append((param, *target))
             if patient and target[0] == "Patient":
                 tokens.append(("patient", *target))
 
+    def codings(param: str, value: Any) -> None:
+        for coding in _as_list(value):
+            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
+                tokens.append((param, _str(coding.get("system")), coding["code"]))
+
     def codes(param: str, concept: Any) -> None:
         if isinstance(concept, dict):
-            for coding in _as_list(concept.get("coding")):
-                if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-                    tokens.append((param, _str(coding.get("system")), coding["code"]))
+            codings(param, concept.get("coding"))
 
     date: tuple[dt.datetime, dt.datetime] | None = None
     if rtype == "Task":
         refs("patient", resource.get("for"))
         refs("focus", resource.get("focus"))
         codes("code", resource.get("code"))
+        codes("business-status", resource.get("businessStatus"))
         date = _date_of(resource.get("authoredOn"))
     elif rtype in ("DiagnosticReport", "Observation"):
         refs("subject", resource.get("subject"), patient=True)
@@ -186,6 +233,20 @@ def extract(resource: dict[str, Any]) -> Extracted:
         refs("patient", resource.get("patient"))
     elif rtype == "Provenance":
         refs("target", resource.get("target"))
+        date = _date_of(resource.get("recorded"))
+    elif rtype == "AuditEvent":
+        whats = [e.get("what") for e in _as_list(resource.get("entity")) if isinstance(e, dict)]
+        refs("entity", whats, patient=True, by_identifier=True)
+        refs(
+            "agent",
+            [a.get("who") for a in _as_list(resource.get("agent")) if isinstance(a, dict)],
+            by_identifier=True,
+        )
+        codings("subtype", resource.get("subtype"))
+        codings("type", resource.get("type"))
+        for param in ("action", "outcome"):
+            if isinstance(resource.get(param), str):
+                tokens.append((param, "", resource[param]))
         date = _date_of(resource.get("recorded"))
     status = resource.get("status")
     return Extracted(status if isinstance(status, str) else None, date, tokens)
@@ -351,8 +412,13 @@ def parse_query(
             raise InvalidSearchError(
                 f"{resource_type} search does not support the parameter {_shown(base)}; it serves {names}"
             )
-        if modifier:
-            raise InvalidSearchError(f"{base}: modifiers such as :{_shown(modifier)} are not supported")
+        if modifier == "identifier" and param.by_identifier:
+            param = SearchParam(name, "token", param.documentation)
+        elif modifier:
+            supported = " (only :identifier is)" if param.by_identifier else ""
+            raise InvalidSearchError(
+                f"{base}: modifiers such as :{_shown(modifier)} are not supported{supported}"
+            )
         if not value:
             raise InvalidSearchError(f"{base}: a value is required")
         filters.append(_parse_value(param, value))

@@ -20,10 +20,8 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import re
-import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl
@@ -37,19 +35,15 @@ from sqlalchemy import (
     String,
     Text,
     and_,
-    create_engine,
     delete,
-    event,
     exists,
     func,
     or_,
     select,
     text,
 )
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from adapters.fhir_search import (
     MAX_TOKEN_CHARS,
@@ -63,6 +57,7 @@ from adapters.fhir_search import (
     parse_query,
 )
 from adapters.fhir_validation import InvalidResourceError, is_fhir_id, validate_resource
+from adapters.sql_store import SqlStore
 from core.errors import IntervalError
 
 __all__ = [
@@ -176,38 +171,26 @@ def parse_etag(value: str) -> int:
     return int(match.group(1))
 
 
-class ResourceStore:
+class ResourceStore(SqlStore):
     """FHIR resources with versions, search columns and the analysis job table."""
 
     def __init__(self, database_url: str) -> None:
+        # one writer at a time on SQLite; PostgreSQL orders writers with row locks instead (SqlStore)
+        super().__init__(database_url, _Base.metadata)
         self.database_url = database_url
-        self._engine = _make_engine(database_url)
-        self._sqlite = self._engine.dialect.name == "sqlite"
-        # one writer at a time on SQLite; PostgreSQL orders writers with row locks instead
-        self._lock: threading.RLock | None = threading.RLock() if self._sqlite else None
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        _Base.metadata.create_all(self._engine)
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    @contextmanager
-    def _transaction(self) -> Iterator[Session]:
-        with self._lock or nullcontext(), self._sessions() as session, session.begin():
-            yield session
 
     # --- resources ------------------------------------------------------------------------------
 
     def create(self, resource: dict[str, Any]) -> dict[str, Any]:
         """Store a new resource under a fresh id (uuid4 hex); returns it with ``id`` and ``meta`` set."""
-        with self._transaction() as s:
+        with self._tx() as s:
             return self._insert(s, copy.deepcopy(resource), uuid.uuid4().hex)
 
     def read(self, resource_type: str, resource_id: str, version: int | None = None) -> dict[str, Any] | None:
         """The current version (or version ``version``) of a resource, or None."""
         if not is_fhir_id(resource_id):
             return None
-        with self._transaction() as s:
+        with self._tx() as s:
             row: _Resource | _Version | None
             if version is None:
                 row = s.get(_Resource, (resource_type, resource_id))
@@ -215,17 +198,25 @@ class ResourceStore:
                 row = s.get(_Version, (resource_type, resource_id, version))
             return copy.deepcopy(row.body) if row is not None else None
 
-    def update(self, resource: dict[str, Any], if_match: str | None = None) -> dict[str, Any]:
+    def update(
+        self,
+        resource: dict[str, Any],
+        if_match: str | None = None,
+        *,
+        also_create: Sequence[dict[str, Any]] = (),
+    ) -> dict[str, Any]:
         """Replace the current version of an existing resource (``resource["id"]``).
 
         With ``if_match`` (``W/"n"``) the update only happens when ``n`` is still the current
         version, else ``VersionConflict``; an unknown id raises ``ResourceNotFoundError``.
+        ``also_create`` are new resources stored in the same transaction (the AuditEvent of the change:
+        no change without its record, no record of a change that did not happen).
         """
         rtype, rid = str(resource.get("resourceType")), resource.get("id")
         if not is_fhir_id(rid):
             raise InvalidResourceError(f"{rtype}.id", "an update needs the resource's id")
         expected = parse_etag(if_match) if if_match is not None else None
-        with self._transaction() as s:
+        with self._tx() as s:
             row = s.get(_Resource, (rtype, rid), with_for_update=True)
             if row is None:
                 raise ResourceNotFoundError(f"{rtype}/{rid} does not exist")
@@ -235,7 +226,10 @@ class ResourceStore:
                     "re-apply the change",
                     current_version=row.version_id,
                 )
-            return self._replace(s, row, copy.deepcopy(resource))
+            stored = self._replace(s, row, copy.deepcopy(resource))
+            for extra in also_create:
+                self._insert(s, copy.deepcopy(extra), uuid.uuid4().hex)
+            return stored
 
     def search(self, resource_type: str, params: SearchParams) -> tuple[list[dict[str, Any]], int]:
         """Resources matching FHIR search ``params`` (one page) and the total number of matches."""
@@ -243,7 +237,7 @@ class ResourceStore:
 
     def run_query(self, query: Query) -> tuple[list[dict[str, Any]], int]:
         """Like ``search`` for an already parsed ``Query``."""
-        with self._transaction() as s:
+        with self._tx() as s:
             where = self._where(query)
             total = s.scalar(select(func.count()).select_from(_Resource).where(*where)) or 0
             if query.count == 0:
@@ -273,7 +267,7 @@ class ResourceStore:
         entries = bundle.get("entry") or []
         if not isinstance(entries, list):
             raise InvalidResourceError("Bundle.entry", "expected a list of entries")
-        with self._transaction() as s:
+        with self._tx() as s:
             plans, targets = self._plan(s, entries)
             for plan in plans:
                 if plan.reuse:
@@ -299,12 +293,12 @@ class ResourceStore:
     # --- analysis jobs --------------------------------------------------------------------------
 
     def job(self, key: str) -> Job | None:
-        with self._transaction() as s:
+        with self._tx() as s:
             row = s.get(_Job, key)
             return _job(row) if row is not None else None
 
     def job_for_task(self, task_id: str) -> Job | None:
-        with self._transaction() as s:
+        with self._tx() as s:
             row = s.scalars(select(_Job).where(_Job.task_id == task_id)).first()
             return _job(row) if row is not None else None
 
@@ -314,7 +308,7 @@ class ResourceStore:
         ``requested``, attempts + 1: ``requeued``). Safe against concurrent callers."""
         for _ in range(3):
             try:
-                with self._transaction() as s:
+                with self._tx() as s:
                     return self._enqueue(s, key, task)
             except IntegrityError:
                 continue  # another caller inserted the same key first: read theirs
@@ -484,27 +478,6 @@ class _Plan:
     resource: dict[str, Any]
     reuse: bool
     if_match: int | None
-
-
-def _make_engine(url: str) -> Engine:
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
-    engine = create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": 30},
-        poolclass=StaticPool if memory else None,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    return engine
 
 
 def _items(params: SearchParams) -> list[tuple[str, str]]:

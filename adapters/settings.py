@@ -253,7 +253,8 @@ class Settings(BaseSettings):
     web_session_ttl_h: float = 12.0  # a login lasts this long (absolute, not sliding)
     # The site of a study is what the analysis recorded in the report's acquisition-site extension (the DICOM
     # StationName until Interval reads InstitutionName): this maps recorded names to site names; unmapped names
-    # are their own site. JSON in the environment: INTERVAL_WEB_STATION_SITES='{"GECT02": "north"}'
+    # are their own site. JSON in the environment: INTERVAL_WEB_STATION_SITES='{"GECT02": "north"}'. The
+    # analysis uses the same map to find a study's site in the AI switch: give workers the same value.
     web_station_sites: dict[str, str] = {}
 
     # --- results back to the PACS and the stable-study trigger (workers/analysis.py, workers/pacs_trigger.py) ---

@@ -13,7 +13,9 @@
     ├── ExternalRequestError        EHR or PACS refused a request (4xx: not retryable as is)
     ├── ConcurrentEditError         someone else changed the resource first (ETag / If-Match)
     ├── ModelError                  weights missing, unreadable or of the wrong shape
-    └── AnalysisError               a pipeline step failed on valid input (a bug or a limit)
+    ├── AnalysisError               a pipeline step failed on valid input (a bug or a limit)
+    └── OversightError              a human-oversight rule refuses the action (core.oversight)
+        └── FindingsNotReviewedError  signing before every AI finding was accepted or rejected
 
 Every exception carries identifiers (study UID, task id, file names relative to the input folder),
 never PHI or pixel data, so its message is safe to log and to show to a user. ``str(exc)`` is one
@@ -27,12 +29,14 @@ __all__ = [
     "ConcurrentEditError",
     "ExternalRequestError",
     "ExternalServiceError",
+    "FindingsNotReviewedError",
     "InputError",
     "IntervalError",
     "InvalidPriorsError",
     "InvalidVolumeError",
     "ModelError",
     "NoSeriesFoundError",
+    "OversightError",
     "PatientMismatchError",
     "UnreadableDicomError",
 ]
@@ -94,3 +98,23 @@ class ModelError(IntervalError):
 
 class AnalysisError(IntervalError):
     reason = "analysis_error"
+
+
+class OversightError(IntervalError):
+    """A human-oversight rule (``core.oversight``) refuses what was asked; the message says what to do first."""
+
+    reason = "oversight_rule"
+
+
+class FindingsNotReviewedError(OversightError):
+    """A signature was asked for before a radiologist accepted or rejected every AI finding of the report."""
+
+    reason = "findings_not_reviewed"
+
+    def __init__(self, report_id: str, pending: tuple[str, ...]) -> None:
+        super().__init__(
+            f"DiagnosticReport/{report_id} cannot be signed yet: accept or reject every AI finding first; "
+            f"not reviewed: {', '.join(pending)}"
+        )
+        self.report_id = report_id
+        self.pending = pending

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from core.grounding import VerifiedDraft
+from core.oversight import AiSwitch
 from core.report import ReportFacts
 from core.types import BoxKji, PriorTimePoint, Segmentation, Volume
 
-__all__ = ["AugmentingSegmenter", "ImageSource", "PriorStore", "ReportDrafter", "Segmenter"]
+__all__ = ["AiSwitchReader", "AugmentingSegmenter", "ImageSource", "PriorStore", "ReportDrafter", "Segmenter"]
 
 
 class ImageSource(Protocol):
@@ -67,3 +68,11 @@ class ReportDrafter(Protocol):
     def model_version(self) -> str: ...
 
     def draft(self, facts: ReportFacts) -> VerifiedDraft: ...
+
+
+class AiSwitchReader(Protocol):
+    """Where each site's AI switch is recorded (``core.oversight``; the database in production)."""
+
+    def current(self, site: str) -> AiSwitch | None:
+        """The site's latest switch setting, or None when none was ever recorded (AI is used)."""
+        ...

@@ -7,8 +7,13 @@ the store or the runner, and map results: the work happens in ``adapters.resourc
 
 Interactions (``service.capability.SERVED``): Task create/read/vread/search (create is idempotent per
 StudyInstanceUID + model version); DiagnosticReport read/vread/search/update (If-Match required);
-Observation, BodyStructure and Provenance read/vread/search. ``GET /fhir/metadata`` needs no token;
-everything else needs a bearer JWT with the SMART system scope of the interaction (``service.auth``).
+Observation, BodyStructure, Provenance and AuditEvent read/vread/search. ``GET /fhir/metadata`` needs no
+token; everything else needs a bearer JWT with the SMART scope of the interaction (``service.auth``).
+
+Human oversight (``service.signoff``): an update that makes a report ``final``/``amended`` or changes a signed
+one needs a radiologist's user-level token (403 otherwise) and every AI finding reviewed (422 otherwise); every
+update, signature and refusal is recorded as an AuditEvent. The per-site AI switch has its own small JSON API
+(``service.ai_switch``).
 
 The web pages for radiologists and clinicians (``service.web``: sessions, not bearer tokens) are mounted on
 the same app, outside ``/fhir``.
@@ -34,6 +39,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import PlainTextResponse
 from starlette.routing import Match, Route
 
+from adapters.ai_switch import AiSwitchStore
+from adapters.evidence import report_text
+from adapters.fhir_audit import audit_event, report_entities
 from adapters.fhir_priors import REQUIRED_STATUS
 from adapters.fhir_search import COMMON_PARAMS, SEARCH_PARAMS, Query, parse_query
 from adapters.fhir_validation import (
@@ -43,11 +51,13 @@ from adapters.fhir_validation import (
     require_code,
     validate_resource,
 )
-from adapters.resource_store import ResourceNotFoundError, ResourceStore, format_instant
+from adapters.resource_store import ResourceNotFoundError, ResourceStore, format_instant, parse_etag
 from adapters.settings import Settings
 from adapters.telemetry import StoreCollector, metrics_text, redis_queue_depths
-from core.errors import IntervalError
-from service.auth import Client, TokenVerifier, require
+from core.errors import IntervalError, OversightError
+from core.oversight import SIGNED_STATUSES, changes_signature
+from service import ai_switch
+from service.auth import Client, ForbiddenError, TokenVerifier, require
 from service.capability import SERVED, Served, capability_statement
 from service.jobs import (
     TASK_KEY_SYSTEM,
@@ -78,8 +88,18 @@ from service.outcome import (
     operation_outcome,
     outcome_for,
 )
+from service.signoff import (
+    agent_of,
+    record_refusal,
+    record_signature,
+    require_reviewed,
+    require_signer,
+    signature_kind,
+    signer,
+)
 from service.users import UserStore
 from service.web import mount_web
+from service.web_context import WebPages, now_instant
 
 __all__ = ["create_app"]
 
@@ -103,12 +123,16 @@ def create_app(
     runner: TaskRunner | None = None,
     analyzer: Analyzer | None = None,
     users: UserStore | None = None,
+    switches: AiSwitchStore | None = None,
 ) -> FastAPI:
     """The FHIR API and the web pages. Without ``store`` it opens ``settings.database_url``; without
     ``runner`` it runs ``analyzer`` in-process (and, with no analyzer either, records every Task as failed,
-    saying why); without ``users`` the web accounts live in the store's database."""
+    saying why); without ``users`` the web accounts, and without ``switches`` the AI switch, live in the
+    store's database."""
     settings = settings if settings is not None else Settings()
     store = store if store is not None else ResourceStore(settings.database_url)
+    owns_switches = switches is None
+    ai_switches = switches if switches is not None else AiSwitchStore(store.database_url)
     owns_runner = runner is None
     task_runner: TaskRunner = (
         runner if runner is not None else InProcessRunner(store, analyzer or UnconfiguredAnalyzer())
@@ -127,6 +151,8 @@ def create_app(
         if owns_runner and isinstance(task_runner, InProcessRunner):
             task_runner.shutdown(wait=False)
         app.state.web.close()
+        if owns_switches:
+            ai_switches.close()
 
     app = FastAPI(
         title="Interval FHIR API",
@@ -141,6 +167,7 @@ def create_app(
     app.state.settings = settings
     app.state.store = store
     app.state.runner = task_runner
+    app.state.switches = ai_switches
     app.state.token_verifier = TokenVerifier.from_settings(settings)
     _install_error_handlers(app)
 
@@ -217,13 +244,17 @@ def create_app(
         tags=["DiagnosticReport"],
         response_model=None,
         responses=responses(
-            {200: resource_schema("DiagnosticReport")}, 400, 401, 403, 404, 412, 415, 428, versioned=True
+            {200: resource_schema("DiagnosticReport")}, 400, 401, 403, 404, 412, 415, 422, 428, versioned=True
         ),
-        openapi_extra=body_doc(report_schema(), "The DiagnosticReport as read, with the changes applied."),
+        openapi_extra=body_doc(
+            report_schema(),
+            "The DiagnosticReport as read, with the changes applied. Making it final or amended, or changing a "
+            "signed report, takes a radiologist's user-level token and every AI finding reviewed (422 otherwise).",
+        ),
     )
     def update_report(
         id: str,
-        _client: Annotated[Client, Depends(require("DiagnosticReport", "u"))],
+        client: Annotated[Client, Depends(require("DiagnosticReport", "u"))],
         body: Annotated[dict[str, Any], Depends(_fhir_body)],
         if_match: Annotated[
             str | None,
@@ -239,7 +270,8 @@ def create_app(
                 'If-Match is required: send W/"versionId" of the version you read (its ETag)'
             )
         existing = store.read("DiagnosticReport", id)
-        if existing is None:
+        web: WebPages = app.state.web
+        if existing is None or not _visible(web, client, existing):
             raise ResourceNotFoundError(_not_found("DiagnosticReport", id))
         validate_resource(body, "DiagnosticReport")
         if body.get("id") != id:
@@ -249,10 +281,47 @@ def create_app(
             raise InvalidResourceError(
                 "DiagnosticReport.subject", "cannot be changed by an update (a report stays with its patient)"
             )
-        stored = store.update(body, if_match=if_match)
+        read_version = parse_etag(if_match)
+        old, new = str(existing.get("status")), str(body["status"])
+        agent = agent_of(client)
+        if not changes_signature(old, new):
+            edit = audit_event("report-edit", agent, report_entities(body, read_version + 1))
+            stored = store.update(body, if_match=if_match, also_create=[edit])
+            return _resource_response(stored, base, 200)
+        kind = signature_kind(old)
+        try:
+            user = require_signer(
+                client, "a DiagnosticReport becomes final or amended, and a signed one changes,"
+            )
+            if new in SIGNED_STATUSES:
+                require_reviewed(web, web.wrap(existing, with_analysis=True))
+        except ForbiddenError:
+            who = f"a {client.user.role.value}" if client.user else "a system client"
+            record_refusal(
+                store, kind, agent, existing, f"refused: only a radiologist signs; the caller is {who}"
+            )
+            raise
+        except OversightError as exc:
+            record_refusal(store, kind, agent, existing, f"refused: {exc}")
+            raise
+        now = now_instant()
+        signed_body = {**body, "resultsInterpreter": [signer(user)], "issued": now}
+        signed_event = audit_event(kind, agent, report_entities(body, read_version + 1))
+        stored = store.update(signed_body, if_match=if_match, also_create=[signed_event])
+        if new in SIGNED_STATUSES:
+            record_signature(
+                web,
+                web.wrap(stored, with_analysis=False),
+                user,
+                read_version=read_version,
+                text=report_text(stored),
+                now=now,
+                ehr_status="signed through the API: not sent to the EHR",
+            )
         return _resource_response(stored, base, 200)
 
-    mount_web(app, settings, store, users)
+    app.include_router(ai_switch.api_router)
+    app.state.users = mount_web(app, settings, store, users).users
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -262,17 +331,21 @@ def _add_read_routes(app: FastAPI, store: ResourceStore, base: str, served: Serv
     tags: list[str | Enum] = [rtype]
     params = (*SEARCH_PARAMS.get(rtype, ()), *COMMON_PARAMS)
 
-    def read(id: str, _client: Annotated[Client, Depends(require(rtype, "r"))]) -> FHIRResponse:
+    def read(
+        id: str, request: Request, client: Annotated[Client, Depends(require(rtype, "r"))]
+    ) -> FHIRResponse:
         resource = store.read(rtype, id)
-        if resource is None:
+        if resource is None or not _visible(request.app.state.web, client, resource):
             raise ResourceNotFoundError(_not_found(rtype, id))
         return _resource_response(resource, base, 200)
 
-    def vread(id: str, vid: str, _client: Annotated[Client, Depends(require(rtype, "r"))]) -> FHIRResponse:
+    def vread(
+        id: str, vid: str, request: Request, client: Annotated[Client, Depends(require(rtype, "r"))]
+    ) -> FHIRResponse:
         resource = (
             store.read(rtype, id, int(vid)) if vid.isascii() and vid.isdigit() and len(vid) <= 9 else None
         )
-        if resource is None:
+        if resource is None or not _visible(request.app.state.web, client, resource):
             raise ResourceNotFoundError(f"{_not_found(rtype, id)} (at that version)")
         return _resource_response(resource, base, 200)
 
@@ -346,6 +419,12 @@ def _new_task(body: dict[str, Any], key: str) -> dict[str, Any]:
     ]
     task["identifier"] = [*identifiers, {"system": TASK_KEY_SYSTEM, "value": key}]
     return task
+
+
+def _visible(web: WebPages, client: Client, resource: dict[str, Any]) -> bool:
+    """Whether the caller may see ``resource``: a system client sees everything it has the scope for; a person
+    (a user-level token) only what their sites may read (``User.can_read_site``), as on the web pages."""
+    return client.user is None or client.user.can_read_site(web.site_of(resource))
 
 
 def _not_found(rtype: str, rid: str) -> str:
@@ -446,13 +525,15 @@ def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema without its 422 responses: validation errors here are FHIR 400s."""
+    """FastAPI's schema without its validation 422 responses: validation errors here are FHIR 400s."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     for path in schema.get("paths", {}).values():
         for operation in path.values():
-            operation.get("responses", {}).pop("422", None)
+            answers = operation.get("responses", {})
+            if answers.get("422", {}).get("description") == "Validation Error":
+                answers.pop("422")  # FastAPI's own; an oversight refusal's 422 is documented and kept
             for parameter in operation.get("parameters", []):
                 if parameter.get("in") == "header" and parameter.get("name", "").lower() == "if-match":
                     parameter["required"] = True  # missing: 428, as RFC 6585 has it

@@ -6,8 +6,14 @@ private key (a SMART authorization server). Required claims: ``sub`` (the client
 (``settings.api_token_issuer``), ``exp``, and ``scope``: space-separated system scopes, v1
 (``system/Task.read``, ``system/*.write``) or v2 (``system/Task.cruds`` letters). ``read`` grants
 read + search, ``write`` create + update + delete, ``*`` everything. An ``aud`` claim, when present,
-must be the API's base URL. Scopes with a query (``system/Task.rs?code=...``) and patient/user scopes
-grant nothing here: the API only serves system-level access.
+must be the API's base URL. Scopes with a query (``system/Task.rs?code=...``) and patient scopes grant nothing.
+
+User-level scopes (``user/DiagnosticReport.ru``) make the token act for a person: its ``sub`` must be the user
+name of an active Interval account (``service.users``), whose role and sites are read at each request (a
+deactivated account or a changed role takes effect at once). They grant read and update of single resources
+only (search and create stay with system clients); a resource of a site the person may not read is "not found".
+A radiologist's user token is what signs a report through the API (``service.signoff``); an admin's changes the
+AI switch (``service.ai_switch``).
 
 Every route declares what it needs with ``require(resource_type, action)``. A missing, malformed or
 expired token raises ``AuthenticationError`` (401, ``WWW-Authenticate: Bearer``); a token without the
@@ -19,7 +25,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 import jwt
@@ -28,6 +34,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from adapters.settings import Settings
 from core.errors import IntervalError
+from service.users import User, UserStore
 
 __all__ = [
     "AuthenticationError",
@@ -42,7 +49,8 @@ __all__ = [
 Action = Literal["c", "r", "u", "d", "s"]
 _ALL: frozenset[str] = frozenset("cruds")
 _V1 = {"read": frozenset("rs"), "write": frozenset("cud"), "*": _ALL}
-_SCOPE = re.compile(r"system/(\*|[A-Z][A-Za-z]{1,63})\.(read|write|\*|c?r?u?d?s?)")
+_SCOPE = re.compile(r"(system|user)/(\*|[A-Z][A-Za-z]{1,63})\.(read|write|\*|c?r?u?d?s?)")
+_USER_ACTIONS = frozenset("ru")  # what a person's token may do: read and update single resources
 _RSA_ALGORITHMS = ("RS256", "RS384")
 _LEEWAY_S = 30
 
@@ -79,21 +87,34 @@ class ForbiddenError(IntervalError):
 
 
 def scope_grants(scope: str) -> tuple[str, frozenset[str]] | None:
-    """``(resource type or "*", actions)`` a SMART system scope grants, None for any other scope."""
+    """``(resource type or "*", actions)`` a SMART system or user scope grants, None for any other scope."""
     match = _SCOPE.fullmatch(scope)
     if match is None:
         return None
-    resource, access = match.groups()
+    level, resource, access = match.groups()
     actions = _V1.get(access, frozenset(access))
+    if level == "user":
+        actions &= _USER_ACTIONS
     return (resource, actions) if actions else None
+
+
+def _user_level(scope: str) -> bool:
+    return scope.startswith("user/")
 
 
 @dataclass(frozen=True)
 class Client:
-    """An authenticated caller: the token's ``sub`` and its scopes."""
+    """An authenticated caller: the token's ``sub`` and its scopes; ``user`` is the person a user-level token
+    acts for (set by ``require`` from the accounts)."""
 
     client_id: str
     scopes: frozenset[str]
+    user: User | None = None
+
+    @property
+    def user_level(self) -> bool:
+        """Whether the token acts for a person (it has ``user/`` scopes)."""
+        return any(_user_level(s) for s in self.scopes)
 
     def allows(self, resource_type: str, action: str) -> bool:
         for scope in self.scopes:
@@ -218,6 +239,15 @@ def require(resource_type: str, action: Action) -> Callable[..., Client]:
                 "a bearer token is required: Authorization: Bearer <JWT>", token_given=False
             )
         client = verifier.verify(credentials.credentials)
+        if client.user_level:
+            users: UserStore = request.app.state.users
+            user = users.get(client.client_id)
+            if user is None:
+                raise AuthenticationError(
+                    f"the bearer token acts for user {_shown(client.client_id)} (user/ scopes), who has no "
+                    "active Interval account"
+                )
+            client = replace(client, user=user)
         if not client.allows(resource_type, action):
             v1 = "read" if action in ("r", "s") else "write"
             scope = f"system/{resource_type}.{action}"

@@ -44,6 +44,13 @@ SERVED: tuple[Served, ...] = (
         "BodyStructure", _READ, "mCODE Tumor body structures; the identifier is the lesion's tracking UID."
     ),
     Served("Provenance", _READ, "Which model (and which radiologist) produced a report."),
+    Served(
+        "AuditEvent",
+        _READ,
+        "The audit trail (EU AI Act Art 12): every AI output, report view, edit, finding verdict, signature and "
+        "AI switch change, with the agent (user, API client or model Device), the entities (report, patient, "
+        "Task) and the outcome. References and codes only, no names or report text. Written by Interval only.",
+    ),
 )
 
 

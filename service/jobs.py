@@ -31,7 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from adapters.fhir_audit import audit_event, entity, model_agent, system_agent
 from adapters.fhir_codes import DICOM_UID, PATIENT_ID_SYSTEM
+from adapters.fhir_publish import AI_NOT_USED, AI_OUTCOME_SYSTEM, SITE_EXTENSION
 from adapters.fhir_search import parse_reference
 from adapters.fhir_validation import InvalidResourceError, require_code
 from adapters.resource_store import ResourceNotFoundError, ResourceStore, VersionConflict, format_instant
@@ -286,8 +288,14 @@ def complete_task(store: ResourceStore, request: AnalysisRequest, bundle: dict[s
     attempts completing the same Task only one stores its Bundle. A Task that is already ``completed``
     is returned as it is and nothing is stored: re-running a job (a redelivered queue message, a
     duplicate trigger) never adds a second report. Returns the Task as stored.
+
+    The same transaction stores the AuditEvent of the AI output (``ai-output``: the model's Device as agent, the
+    report, the Task and the patient as entities). A Bundle tagged ``ai-not-used`` (the study's site has AI
+    switched off: ``adapters.fhir_publish.ai_not_used_bundle``) holds no report: the Task completes with
+    ``businessStatus`` ``ai-not-used`` (``AI_OUTCOME_SYSTEM``), the reason as its text, an ``output`` coded
+    ``ai-not-used`` and one naming the ImagingStudy, and the study's site; its AuditEvent is ``ai-not-used``.
     """
-    report_url = _check_result(request, bundle)
+    outcome = _check_result(request, bundle)
     for attempt in range(3):
         task = _read_task(store, request.task_id)
         if task.get("status") == "completed":
@@ -298,9 +306,28 @@ def complete_task(store: ResourceStore, request: AnalysisRequest, bundle: dict[s
         done["status"] = "completed"
         done["lastModified"] = now
         done["executionPeriod"] = {**(task.get("executionPeriod") or {}), "end": now}
-        done["output"] = [{"type": {"text": "DiagnosticReport"}, "valueReference": {"reference": report_url}}]
         done.pop("statusReason", None)
         done.pop("businessStatus", None)
+        if isinstance(outcome, _NoAi):
+            _mark_ai_not_used(done, outcome)
+            event = audit_event(
+                "ai-not-used",
+                system_agent(),
+                [entity(f"Task/{request.task_id}", "job"), entity(outcome.study_url, "resource")],
+            )
+        else:
+            done["output"] = [
+                {"type": {"text": "DiagnosticReport"}, "valueReference": {"reference": outcome.report_url}}
+            ]
+            event = audit_event(
+                "ai-output",
+                model_agent(outcome.device_url, _model_version(task)),
+                [
+                    entity(outcome.report_url, "report"),
+                    entity(f"Task/{request.task_id}", "job"),
+                    *([entity(outcome.patient_ref, "patient")] if outcome.patient_ref else []),
+                ],
+            )
         entry = {
             "resource": done,
             "request": {
@@ -309,14 +336,36 @@ def complete_task(store: ResourceStore, request: AnalysisRequest, bundle: dict[s
                 "ifMatch": f'W/"{task["meta"]["versionId"]}"',
             },
         }
+        audit = {"resource": event, "request": {"method": "POST", "url": "AuditEvent"}}
         try:
-            store.apply_transaction({**bundle, "entry": [*bundle["entry"], entry]})
+            store.apply_transaction({**bundle, "entry": [*bundle["entry"], entry, audit]})
         except VersionConflict:
             if attempt == 2:
                 raise
             continue
         return _read_task(store, request.task_id)
     raise AssertionError("unreachable")
+
+
+def _mark_ai_not_used(task: dict[str, Any], outcome: _NoAi) -> None:
+    code = {"system": AI_OUTCOME_SYSTEM, "code": AI_NOT_USED, "display": "AI not used"}
+    task["businessStatus"] = {"coding": [code], "text": outcome.why}
+    task["output"] = [
+        {"type": {"coding": [code]}, "valueCodeableConcept": {"coding": [code], "text": outcome.why}},
+        {"type": {"text": "ImagingStudy"}, "valueReference": {"reference": outcome.study_url}},
+    ]
+    others = [e for e in task.get("extension") or [] if e.get("url") != SITE_EXTENSION]
+    task["extension"] = [*others, *outcome.site_ext]
+    if not task["extension"]:
+        task.pop("extension")
+
+
+def _model_version(task: dict[str, Any]) -> str:
+    """The model version the Task was keyed with (its idempotency key is ``<study uid>:<model version>``)."""
+    for ident in task.get("identifier") or []:
+        if ident.get("system") == TASK_KEY_SYSTEM and ":" in str(ident.get("value")):
+            return str(ident["value"]).rsplit(":", 1)[1]
+    return "unknown"
 
 
 def failure_message(task_id: str, exc: BaseException) -> str:
@@ -409,8 +458,23 @@ def format_instant_now() -> str:
     return format_instant(dt.datetime.now(dt.UTC).replace(tzinfo=None))
 
 
-def _check_result(request: AnalysisRequest, bundle: Any) -> str:
-    """The fullUrl of the one DiagnosticReport in the analyzer's Bundle; refuse anything else."""
+@dataclass(frozen=True)
+class _Report:
+    report_url: str  # the DiagnosticReport's fullUrl in the Bundle
+    device_url: str | None  # the model's Device entry, when the Bundle has one
+    patient_ref: str | None  # the report's subject, when it is a Patient
+
+
+@dataclass(frozen=True)
+class _NoAi:
+    study_url: str  # the ImagingStudy's fullUrl in the Bundle
+    why: str
+    site_ext: list[dict[str, Any]]
+
+
+def _check_result(request: AnalysisRequest, bundle: Any) -> _Report | _NoAi:
+    """What the analyzer's Bundle holds: one preliminary DiagnosticReport, or (tagged ``ai-not-used``) none and
+    the ImagingStudy; refuse anything else."""
     if (
         not isinstance(bundle, dict)
         or bundle.get("resourceType") != "Bundle"
@@ -418,13 +482,32 @@ def _check_result(request: AnalysisRequest, bundle: Any) -> str:
     ):
         raise AnalysisError(f"the analyzer returned no transaction Bundle for Task/{request.task_id}")
     entries = bundle.get("entry")
-    reports = [
+    resources = [
         e
         for e in (entries if isinstance(entries, list) else [])
-        if isinstance(e, dict)
-        and isinstance(e.get("resource"), dict)
-        and e["resource"].get("resourceType") == "DiagnosticReport"
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
     ]
+
+    def of_type(rtype: str) -> list[dict[str, Any]]:
+        return [e for e in resources if e["resource"].get("resourceType") == rtype]
+
+    reports = of_type("DiagnosticReport")
+    tags = (bundle.get("meta") or {}).get("tag") or []
+    no_ai = next(
+        (t for t in tags if t.get("system") == AI_OUTCOME_SYSTEM and t.get("code") == AI_NOT_USED), None
+    )
+    if no_ai is not None:
+        studies = of_type("ImagingStudy")
+        if reports or len(studies) != 1 or not isinstance(studies[0].get("fullUrl"), str):
+            raise AnalysisError(
+                f"the analyzer said AI was not used for Task/{request.task_id} but returned "
+                f"{len(reports)} DiagnosticReport(s) and {len(studies)} ImagingStudy entries; expected none "
+                "and one"
+            )
+        site_ext = [
+            e for e in studies[0]["resource"].get("extension") or [] if e.get("url") == SITE_EXTENSION
+        ]
+        return _NoAi(studies[0]["fullUrl"], str(no_ai.get("display") or "AI not used"), site_ext)
     if len(reports) != 1:
         raise AnalysisError(
             f"the analyzer returned {len(reports)} DiagnosticReports for Task/{request.task_id}; exactly one is expected"
@@ -432,6 +515,11 @@ def _check_result(request: AnalysisRequest, bundle: Any) -> str:
     full_url = reports[0].get("fullUrl")
     if not isinstance(full_url, str) or not full_url:
         raise AnalysisError("the analyzer's DiagnosticReport entry has no fullUrl")
+    if reports[0]["resource"].get("status") != "preliminary":
+        raise AnalysisError(
+            f"the analyzer's report for Task/{request.task_id} is not preliminary: an analysis only drafts, "
+            "a radiologist signs"
+        )
     subject = reports[0]["resource"].get("subject")
     reference = subject.get("reference") if isinstance(subject, dict) else None
     named = parse_reference(reference)
@@ -440,7 +528,13 @@ def _check_result(request: AnalysisRequest, bundle: Any) -> str:
             f"the report for study {request.study_uid} names another patient than Task/{request.task_id}",
             study_uid=request.study_uid,
         )
-    return full_url
+    devices = of_type("Device")
+    device_url = devices[0].get("fullUrl") if devices else None
+    return _Report(
+        full_url,
+        device_url if isinstance(device_url, str) else None,
+        reference if isinstance(reference, str) and named is not None and named[0] == "Patient" else None,
+    )
 
 
 def resume_pending(store: ResourceStore, runner: TaskRunner) -> int:

@@ -62,11 +62,12 @@ _DESCRIPTIONS = {
     201: "Created",
     400: "Invalid request or resource (OperationOutcome; diagnostics names the failing element)",
     401: "Missing, invalid or expired bearer token",
-    403: "The token lacks the SMART scope this interaction needs",
+    403: "The token lacks the SMART scope this interaction needs, or the authority (a radiologist signs)",
     404: "No such resource",
     409: "Conflict with a concurrent change",
     412: "If-Match names a version that is no longer current",
     415: "The body is not application/fhir+json or application/json",
+    422: "A human-oversight rule refuses it (e.g. AI findings not yet accepted or rejected)",
     428: "If-Match is required",
     503: "A service Interval depends on is unavailable",
 }
@@ -161,20 +162,22 @@ def search_parameters(params: tuple[SearchParam, ...]) -> list[dict[str, Any]]:
             )
             continue
         item = _REF_ITEM if p.type == "reference" else _ID if p.name == "_id" else _TOKEN_ITEM
-        out.append(
-            {
-                "name": p.name,
-                "in": "query",
-                "required": False,
-                "description": p.documentation,
-                "schema": {
-                    "type": "string",
-                    "minLength": 1,
-                    "maxLength": MAX_TOKEN_CHARS,
-                    "pattern": f"^{item}(,{item})*$",
-                },
-            }
-        )
+        forms = [(p.name, item)] + ([(f"{p.name}:identifier", _TOKEN_ITEM)] if p.by_identifier else [])
+        for name, pattern in forms:
+            out.append(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "description": p.documentation,
+                    "schema": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_TOKEN_CHARS,
+                        "pattern": f"^{pattern}(,{pattern})*$",
+                    },
+                }
+            )
     out.append(
         _query(
             "_sort",

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 
 from adapters.fhir_validation import InvalidResourceError
 from adapters.resource_store import ResourceNotFoundError, VersionConflict
-from core.errors import ExternalServiceError, InputError, IntervalError
+from core.errors import ExternalServiceError, InputError, IntervalError, OversightError
 from service.auth import AuthenticationError, ForbiddenError
 
 __all__ = [
@@ -46,6 +46,7 @@ _ISSUE_CODE = {
     412: "conflict",
     413: "too-costly",
     415: "not-supported",
+    422: "business-rule",
     428: "required",
     500: "exception",
     503: "transient",
@@ -107,6 +108,8 @@ def outcome_for(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]
         headers["ETag"] = f'W/"{exc.current_version}"'
     elif isinstance(exc, ExternalServiceError):
         status = 503
+    elif isinstance(exc, OversightError):
+        status = 422
     elif isinstance(exc, IntervalError):
         status = 500
     else:

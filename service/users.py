@@ -1,6 +1,6 @@
 """People who use the web pages: accounts, roles, sites, sessions, and what they did to a report.
 
-Tables (SQLAlchemy, in the same database as ``adapters.resource_store``, created on start):
+Tables (SQLAlchemy, in the same database as ``adapters.resource_store``, created on start; ``adapters.sql_store``):
 
 - ``web_user``: user name, display name, role (``radiologist``, ``clinician``, ``admin``), the sites whose
   studies the user may read (``*``: every site), the argon2id hash of the password, and optionally the
@@ -25,19 +25,16 @@ import hashlib
 import hmac
 import re
 import secrets
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Boolean, DateTime, Index, Integer, String, Text, create_engine, delete, select
-from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy import Boolean, DateTime, Index, Integer, String, Text, delete, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from adapters.sql_store import SqlStore
 from core.errors import InputError
 
 __all__ = [
@@ -215,17 +212,6 @@ class _Feedback(_Base):
     at: Mapped[dt.datetime] = mapped_column(DateTime)
 
 
-def _engine(url: str) -> Engine:
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
-    return create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": 30},
-        poolclass=StaticPool if memory else None,
-    )
-
-
 def _user(row: _User) -> User:
     return User(
         row.username,
@@ -236,24 +222,11 @@ def _user(row: _User) -> User:
     )
 
 
-class UserStore:
+class UserStore(SqlStore):
     """Accounts, sessions, report events and finding feedback in SQL; safe to share between threads."""
 
     def __init__(self, database_url: str) -> None:
-        self._engine = _engine(database_url)
-        self._lock: threading.RLock | None = (
-            threading.RLock() if self._engine.dialect.name == "sqlite" else None
-        )
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        _Base.metadata.create_all(self._engine)
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with self._lock or nullcontext(), self._sessions() as session, session.begin():
-            yield session
+        super().__init__(database_url, _Base.metadata)
 
     # --- accounts -----------------------------------------------------------------------------
 
@@ -304,6 +277,16 @@ class UserStore:
         with self._tx() as s:
             row = s.get(_User, username)
             return _user(row) if row is not None and row.active else None
+
+    def sites(self) -> set[str]:
+        """Every site some active account reads (``*`` included when someone reads all)."""
+        with self._tx() as s:
+            return {
+                site
+                for row in s.scalars(select(_User).where(_User.active.is_(True)))
+                for site in row.sites.split(",")
+                if site
+            }
 
     def set_password(self, username: str, password: str) -> None:
         hashed = hash_password(password)

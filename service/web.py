@@ -11,6 +11,7 @@ The pages, by what they own:
   accepting and rejecting findings, saving with a version check, signing and amending (here and at the EHR),
   sending a signature again.
 - ``service.web_patients``: ``/patients/{id}``, the clinician's read-only summary and course chart.
+- ``service.ai_switch``: ``/admin/ai``, where admins switch AI off (and on) per site, with a reason.
 - ``service.web_context``: what they share (``WebPages``: stores, images, templates, caches; the reports).
 - ``service.web_ehr``: the EHR as the pages see it (a patient's history, sending a signature).
 
@@ -33,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from adapters.fhir_publish import EHR_REPORT_SYSTEM
 from adapters.resource_store import ResourceStore
 from adapters.settings import Settings
-from service import web_patients, web_review, web_session
+from service import ai_switch, web_patients, web_review, web_session
 from service.users import UserStore
 from service.web_context import HERE, LoginRequired, PageError, StudyImages, WebPages
 from service.web_ehr import USER_SYSTEM
@@ -45,6 +46,7 @@ router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
 router.include_router(web_session.router)
 router.include_router(web_review.router)
 router.include_router(web_patients.router)
+router.include_router(ai_switch.page_router)
 
 
 def mount_web(

@@ -26,13 +26,15 @@ from adapters import fhir_codes as C
 from adapters.artifacts import load_artifacts
 from adapters.dicom_series import load_study
 from adapters.evidence import report_text
-from adapters.fhir_publish import EHR_REPORT_SYSTEM, SITE_EXTENSION
+from adapters.fhir_audit import audit_event, user_agent
+from adapters.fhir_publish import AI_NOT_USED, AI_OUTCOME_SYSTEM, EHR_REPORT_SYSTEM, SITE_EXTENSION
 from adapters.fhir_search import parse_reference
 from adapters.fhir_validation import is_fhir_id
 from adapters.image_folder import FolderImageSource
 from adapters.resource_store import ResourceStore, format_instant
 from adapters.settings import Settings
 from core.errors import IntervalError
+from core.oversight import site_of_station
 from core.report import ReportText
 from core.types import Volume
 from service.users import User, UserStore, WebSession
@@ -193,12 +195,24 @@ class WebPages:
     # --- reports --------------------------------------------------------------------------------
 
     def site_of(self, resource: dict[str, Any]) -> str | None:
-        """The site of a report or study: its station (``SITE_EXTENSION``) mapped by ``web_station_sites``."""
+        """The site of a report, study or Task: its station (``SITE_EXTENSION``) mapped by ``web_station_sites``."""
         for ext in resource.get("extension") or []:
             if ext.get("url") == SITE_EXTENSION and ext.get("valueString"):
-                name = str(ext["valueString"])
-                return self.settings.web_station_sites.get(name, name)
+                return site_of_station(str(ext["valueString"]), self.settings.web_station_sites)
         return None
+
+    def audit(
+        self, kind: str, user: User, entities: list[dict[str, Any]], *, outcome_desc: str | None = None
+    ) -> None:
+        """Record what ``user`` did as an AuditEvent (``adapters.fhir_audit``); refused when ``outcome_desc``."""
+        event = audit_event(
+            kind,
+            user_agent(user.username, user.role.value),
+            entities,
+            outcome="4" if outcome_desc else "0",
+            outcome_desc=outcome_desc,
+        )
+        self.store.create(event)
 
     def report(self, report_id: str, user: User, *, with_analysis: bool = True) -> StoredReport:
         """The report, when it exists and ``user`` may read its site (404 otherwise: no hint either way)."""
@@ -221,6 +235,43 @@ class WebPages:
     def readable_reports(self, user: User, params: dict[str, str]) -> list[StoredReport]:
         found, _ = self.store.search("DiagnosticReport", {**params, "_count": "500"})
         return [self.wrap(r, with_analysis=True) for r in found if user.can_read_site(self.site_of(r))]
+
+    def studies_without_ai(self, user: User) -> list[dict[str, Any]]:
+        """The studies of ``user``'s sites whose analysis ended "AI not used" (the site's AI switch was off),
+        newest first: Tasks with that ``businessStatus``, each with its site, study date and explanation."""
+        found, _ = self.store.search(
+            "Task",
+            {
+                "business-status": f"{AI_OUTCOME_SYSTEM}|{AI_NOT_USED}",
+                "_sort": "-_lastUpdated",
+                "_count": "200",
+            },
+        )
+        rows = []
+        for task in found:
+            site = self.site_of(task)
+            if not user.can_read_site(site):
+                continue
+            study = next(
+                (
+                    self.store.read("ImagingStudy", target[1])
+                    for out in task.get("output") or []
+                    if (target := parse_reference((out.get("valueReference") or {}).get("reference")))
+                    and target[0] == "ImagingStudy"
+                ),
+                None,
+            )
+            patient = parse_reference(((study or {}).get("subject") or {}).get("reference"))
+            rows.append(
+                {
+                    "task_id": task["id"],
+                    "site": site,
+                    "date": str((study or {}).get("started") or "")[:10],
+                    "patient_id": patient[1] if patient and patient[0] == "Patient" else "",
+                    "why": (task.get("businessStatus") or {}).get("text", "AI not used"),
+                }
+            )
+        return rows
 
     def draft_text(self, report: StoredReport) -> ReportText:
         """The text as the analysis drafted it (the report's first version)."""

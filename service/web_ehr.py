@@ -26,6 +26,7 @@ from adapters import fhir_codes as C
 from adapters.ehr_priors import fetch_snapshot
 from adapters.evidence import raw_report_text
 from adapters.fhir_client import FhirClient, RetryPolicy, SmartBackendAuth
+from adapters.fhir_codes import USER_SYSTEM
 from adapters.fhir_publish import OBSERVATION_ID_SYSTEM, sign_report
 from adapters.settings import Settings
 from core.errors import IntervalError
@@ -36,7 +37,6 @@ from service.users import User
 __all__ = ["USER_SYSTEM", "EhrLink", "EhrView", "holds_signature"]
 
 # how an Interval user is named at the EHR (a Practitioner's identifier; also in Interval's own reports)
-USER_SYSTEM = "http://interval.local/fhir/user"
 _SIGNED = ("final", "amended")
 _VIEW_TTL_S = 60.0
 _RETRY_AFTER_FAILURE_S = 15.0

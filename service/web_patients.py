@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
 from adapters.evidence import course_png, course_points, lesion_history, raw_report_text, urgency
+from adapters.fhir_audit import entity
 from adapters.fhir_publish import REPORT_ID_SYSTEM
 from adapters.fhir_validation import is_fhir_id
 from service.users import User
@@ -55,6 +56,7 @@ def _patient_reports(web: WebPages, user: User, patient_id: str) -> list[StoredR
 def patient_page(request: Request, web: Web, patient_id: str) -> Response:
     session = require_session(web, request)
     reports = _patient_reports(web, session.user, patient_id)
+    web.audit("patient-view", session.user, [entity(f"Patient/{patient_id}", "patient")])
     latest = next((r for r in reversed(reports) if r.analysis is not None), reports[-1])
     ehr = web.ehr.view(patient_id)
     view = ehr if isinstance(ehr, EhrView) else None

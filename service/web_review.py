@@ -1,13 +1,14 @@
 """The radiologist's pages: the worklist, the draft editor with its evidence, and signing.
 
 - ``/worklist``: drafts awaiting review, most urgent first (progression and new lesions), filtered by site
-  and status.
+  and status; below them the studies whose site had AI switched off ("AI not used").
 - ``/reports/{id}``: the draft editor. Every sentence shows where it came from (deterministic wording, model
   text, replaced or added by the verifier, edited by a person) and whether it agrees with the measurements;
   each finding shows its key slice with the contour, the matched prior slice, the saliency overlay when the
   model computed one, the confidence and the measurement, and can be accepted or rejected (a rejected
   finding leaves the report and is kept as feedback).
-- Sign -> ``final``; a signed report is amended -> ``amended``; both in Interval's store with a Provenance
+- Sign -> ``final`` once every AI finding is accepted or rejected (``service.signoff``: refused with the pending
+  ones named, the text kept); a signed report is amended -> ``amended``; both in Interval's store with a Provenance
   naming the radiologist, and at the EHR (``service.web_ehr``) when one is configured. The diff between the
   draft and the signed text is kept (``service.users``). A signature the EHR did not take can be sent again.
 
@@ -32,13 +33,23 @@ from adapters.evidence import (
     remove_lesion_sentences,
     sentence_views,
     set_report_text,
-    text_diff,
     urgency,
 )
+from adapters.fhir_audit import audit_event, identified_entity, report_entities, user_agent
+from adapters.fhir_codes import DICOM_UID
 from adapters.fhir_publish import OBSERVATION_ID_SYSTEM
-from adapters.resource_store import ResourceStore, VersionConflict
-from core.errors import IntervalError
+from adapters.resource_store import VersionConflict
+from core.errors import IntervalError, OversightError
+from core.oversight import pending_findings
 from core.report import ReportText
+from service.signoff import (
+    ai_findings,
+    record_signature,
+    require_reviewed,
+    set_status,
+    signature_kind,
+    signer,
+)
 from service.users import FeedbackRecord, ReportEvent, Role, User, WebSession
 from service.web_context import (
     SECURITY_HEADERS,
@@ -49,14 +60,13 @@ from service.web_context import (
     WebPages,
     now_instant,
 )
-from service.web_ehr import USER_SYSTEM, EhrView
+from service.web_ehr import EhrView
 from service.web_session import check_form, require_radiologist, require_session
 
 __all__ = ["router"]
 
 log = logging.getLogger("interval.service.web")
 
-_PARTICIPANT = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 _SIGNABLE = ("preliminary", "final", "amended")
 
 router = APIRouter(include_in_schema=False, default_response_class=HTMLResponse)
@@ -90,7 +100,18 @@ def worklist(request: Request, web: Web, site: str = "", status: str = "prelimin
             }
         )
     rows.sort(key=lambda row: (row["rank"], row["report"].date, row["report"].id))
-    return web.page("worklist.html", session, rows=rows, sites=sites, site=site, status_filter=status)
+    without_ai = [] if status == "final" else web.studies_without_ai(user)
+    if site:
+        without_ai = [r for r in without_ai if (r["site"] or "(no site)") == site]
+    return web.page(
+        "worklist.html",
+        session,
+        rows=rows,
+        sites=sorted({*sites, *((r["site"] or "(no site)") for r in without_ai)}),
+        site=site,
+        status_filter=status,
+        without_ai=without_ai,
+    )
 
 
 # --- the report page --------------------------------------------------------------------------------
@@ -149,6 +170,8 @@ def _report_page(
         prior_text = earlier[-1] if earlier else None
     editable = user.can_sign and report.status in _SIGNABLE
     events = web.users.events(report.id)
+    verdicts = {t: f.decision for t, f in web.users.feedback(report.id).items()}
+    pending = pending_findings(ai_findings(report), verdicts) if report.status == "preliminary" else []
     return web.page(
         "report.html",
         session,
@@ -167,6 +190,7 @@ def _report_page(
         prior=prior_text,
         ehr_error=ehr if isinstance(ehr, str) else None,
         events=events,
+        pending=pending,
     )
 
 
@@ -174,6 +198,7 @@ def _report_page(
 def report_page(request: Request, web: Web, report_id: str, done: str = "") -> Response:
     session = require_session(web, request)
     report = web.report(report_id, session.user)
+    web.audit("report-view", session.user, report_entities(report.resource, report.version))
     notices = {
         "saved": "Draft saved.",
         "signed": "Report signed.",
@@ -227,8 +252,9 @@ def save_draft(request: Request, web: Web, form: Form, report_id: str) -> Respon
         return _conflict(web, session, report_id, version, text)
     resource = dict(report.resource)
     set_report_text(resource, text, now_instant())
+    edit = _audited("report-edit", session.user, resource, version + 1)
     try:
-        stored = web.store.update(resource, if_match=f'W/"{version}"')
+        stored = web.store.update(resource, if_match=f'W/"{version}"', also_create=[edit])
     except VersionConflict:
         return _conflict(web, session, report_id, version, text)
     web.users.record_event(
@@ -258,80 +284,42 @@ def sign(request: Request, web: Web, form: Form, report_id: str) -> Response:
         return _conflict(web, session, report_id, version, text)
     if not text.impression:
         raise PageError(400, "Cannot sign", "The impression is empty: write it before signing.")
+    kind = signature_kind(report.status)
+    if report.status == "preliminary":
+        try:
+            require_reviewed(web, web.wrap(report.resource, with_analysis=True))
+        except OversightError as exc:
+            web.audit(kind, user, report_entities(report.resource), outcome_desc=f"refused: {exc}")
+            return _refused(web, session, report_id, text, exc)
     status = "final" if report.status == "preliminary" else "amended"
     now = now_instant()
-    who = {"identifier": {"system": USER_SYSTEM, "value": user.username}, "display": user.display_name}
     resource = dict(report.resource)
     set_report_text(resource, text, now)
     resource["status"] = status
     resource["issued"] = now
-    resource["resultsInterpreter"] = [who]
+    resource["resultsInterpreter"] = [signer(user)]
+    signed_event = _audited(kind, user, resource, version + 1)
     try:
-        stored = web.store.update(resource, if_match=f'W/"{version}"')
+        stored = web.store.update(resource, if_match=f'W/"{version}"', also_create=[signed_event])
     except VersionConflict:
         return _conflict(web, session, report_id, version, text)
-    new_version = int(stored["meta"]["versionId"])
     signed = web.wrap(stored, with_analysis=True)
-    for obs in web.results(signed):
-        _set_status(web.store, obs, "final")
-    activity = (
-        {
-            "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-            "code": "LA",
-            "display": "legal authenticator",
-        }
-        if status == "final"
-        else {
-            "system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation",
-            "code": "UPDATE",
-            "display": "revise",
-        }
-    )
-    web.store.create(
-        {
-            "resourceType": "Provenance",
-            "target": [{"reference": f"DiagnosticReport/{report_id}"}],
-            "recorded": now,
-            "activity": {"coding": [activity]},
-            "agent": [
-                {
-                    "type": {"coding": [{"system": _PARTICIPANT, "code": "author", "display": "Author"}]},
-                    "who": who,
-                },
-                {
-                    "type": {
-                        "coding": [
-                            {"system": _PARTICIPANT, "code": "legal", "display": "Legal Authenticator"}
-                        ]
-                    },
-                    "who": who,
-                },
-            ],
-            "entity": [
-                {
-                    "role": "revision",
-                    "what": {"reference": f"DiagnosticReport/{report_id}/_history/{version}"},
-                }
-            ],
-        }
-    )
-    draft = web.draft_text(signed)
-    web.users.record_event(
-        ReportEvent(
-            report_id,
-            new_version,
-            user.username,
-            user.display_name,
-            "signed" if status == "final" else "amended",
-            dt.datetime.now(dt.UTC).replace(tzinfo=None),
-            draft_text=draft.as_text(),
-            signed_text=text.as_text(),
-            diff=text_diff(draft, text),
-            ehr_status="sending",
-        )
-    )
-    web.users.set_ehr_status(report_id, new_version, _send_to_ehr(web, signed, user))
+    record_signature(web, signed, user, read_version=version, text=text, now=now, ehr_status="sending")
+    web.users.set_ehr_status(report_id, signed.version, _send_to_ehr(web, signed, user))
     return RedirectResponse(f"/reports/{report_id}?done={'signed' if status == 'final' else 'amended'}", 303)
+
+
+def _audited(kind: str, user: User, resource: dict[str, Any], version: int) -> dict[str, Any]:
+    """The AuditEvent of ``user``'s change producing ``version`` of the report, stored with the change."""
+    return audit_event(kind, user_agent(user.username, user.role.value), report_entities(resource, version))
+
+
+def _refused(
+    web: WebPages, session: WebSession, report_id: str, text: ReportText, exc: OversightError
+) -> Response:
+    """The report page again (409), the radiologist's text kept, saying what to do before signing."""
+    report = web.report(report_id, session.user)
+    return _report_page(web, session, report, status=409, edit_text=text, conflict=f"Not signed. {exc}")
 
 
 @router.post("/reports/{report_id}/resend")
@@ -391,11 +379,6 @@ def _observation_statuses(web: WebPages, report: StoredReport) -> dict[str, str]
     return out
 
 
-def _set_status(store: ResourceStore, resource: dict[str, Any], status: str) -> None:
-    if resource.get("status") != status:
-        store.update({**resource, "status": status}, if_match=f'W/"{resource["meta"]["versionId"]}"')
-
-
 @router.post("/reports/{report_id}/findings/{track_id}")
 def review_finding(request: Request, web: Web, form: Form, report_id: str, track_id: str) -> Response:
     session = require_session(web, request)
@@ -433,17 +416,20 @@ def review_finding(request: Request, web: Web, form: Form, report_id: str, track
         ]
         gone = {f"Observation/{obs['id']}" for obs in dropped}
         resource["result"] = [r for r in resource.get("result") or [] if r.get("reference") not in gone]
+        verdict = _finding_event("finding-reject", user, resource, version + 1, track_id)
         try:
-            stored = web.store.update(resource, if_match=f'W/"{version}"')
+            stored = web.store.update(resource, if_match=f'W/"{version}"', also_create=[verdict])
         except VersionConflict:
             return _conflict(web, session, report_id, version, report.text)
         new_version = int(stored["meta"]["versionId"])
         for obs in dropped:
-            _set_status(web.store, obs, "entered-in-error")
+            set_status(web.store, obs, "entered-in-error")
         if mixed:
             reason = (
                 reason + " " if reason else ""
             ) + f"(kept {len(mixed)} sentence(s) naming other lesions too)"
+    else:
+        web.store.create(_finding_event("finding-accept", user, report.resource, version, track_id))
     web.users.record_feedback(
         FeedbackRecord(
             report_id,
@@ -467,6 +453,17 @@ def review_finding(request: Request, web: Web, form: Form, report_id: str, track
         )
     )
     return RedirectResponse(f"/reports/{report_id}?done={decision}ed#finding-{quote(label)}", 303)
+
+
+def _finding_event(
+    kind: str, user: User, report: dict[str, Any], version: int, track_id: str
+) -> dict[str, Any]:
+    """The AuditEvent of a verdict on one AI finding: the report (at ``version``), its patient, and the finding
+    by its tracking UID."""
+    finding = identified_entity(DICOM_UID, f"urn:oid:{track_id}", "resource")
+    return audit_event(
+        kind, user_agent(user.username, user.role.value), [*report_entities(report, version), finding]
+    )
 
 
 @router.get("/reports/{report_id}/evidence/{track_id}/{kind}.png")

@@ -8,6 +8,13 @@ sends the lesions as a DICOM SEG and the measurements as a TID 1500 SR into the 
 (``publish_to_pacs``). It returns the Bundle for Interval's own store: the same resources, with every lesion
 track created conditionally there too.
 
+Human oversight (``core.oversight``): the study is read first, and its site (the StationName, mapped by
+``station_sites``) looked up in the AI switch (``switches``). When AI is switched off for that site nothing of
+the AI runs: no segmentation, no measurement, no draft, nothing to the EHR or the PACS, no artifacts. The
+analysis returns ``adapters.fhir_publish.ai_not_used_bundle`` (the ImagingStudy only) and the Task completes
+"AI not used" (``service.jobs.complete_task``). The switch is read per study, so a change applies from the next
+analysis on.
+
 Errors are Interval's own (``core.errors``): a dead EHR or PACS raises ``ExternalServiceError`` after the
 client's retries, so the Task ends ``failed`` with a reason (after the Celery step's own retries) and can be
 posted again. A repeat publishes nothing twice: the EHR receives a single transaction whose conditional creates
@@ -21,6 +28,8 @@ import asyncio
 import datetime as dt
 import logging
 import tempfile
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,13 +39,16 @@ from adapters.dicom_series import DEFAULT_RULES, series_source_headers
 from adapters.dicomweb import DicomWebClient, DicomWebImageSource, StowResult
 from adapters.ehr_priors import EhrPriorStore
 from adapters.fhir_client import FhirClient, RetryPolicy, SmartBackendAuth
-from adapters.fhir_publish import EHR_REPORT_SYSTEM, publish_report, report_bundle
+from adapters.fhir_codes import PATIENT_ID_SYSTEM
+from adapters.fhir_publish import EHR_REPORT_SYSTEM, ai_not_used_bundle, publish_report, report_bundle
 from adapters.image_folder import FolderImageSource
 from adapters.prior_bundle import NoPriors
 from adapters.telemetry import ANALYSES, log_context, observe_steps, timed
 from core.errors import AnalysisError, InputError, IntervalError
+from core.oversight import AiDecision, decide_ai_use, site_of_station
 from core.pipeline import AnalysisSettings, StudyResult, analyze_study
-from core.ports import ImageSource, ReportDrafter, Segmenter
+from core.ports import AiSwitchReader, ImageSource, ReportDrafter, Segmenter
+from core.types import AcquisitionInfo, Volume
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -69,8 +81,12 @@ class PipelineAnalyzer:
         artifacts_dir: Path | None = None,
         drafter: ReportDrafter | None = None,
         pacs: DicomWebClient | None = None,
+        switches: AiSwitchReader | None = None,
+        station_sites: Mapping[str, str] | None = None,
     ) -> None:
         self.artifacts_dir = artifacts_dir
+        self.switches = switches  # each site's AI switch; None: AI is used for every study
+        self.station_sites = dict(station_sites or {})  # DICOM StationName -> site (as the web pages map it)
         self.drafter = drafter
         self.images = images
         self.segmenter = segmenter
@@ -105,21 +121,35 @@ class PipelineAnalyzer:
             )
         else:
             store = NoPriors()
+        started = time.perf_counter()
+        volume = self.images.load_study(request.study_uid)
+        load_s = time.perf_counter() - started
+        acq = volume.acquisition
+        if acq is None or acq.study_uid != request.study_uid:
+            raise InputError(
+                "the image source returned a different study than the Task names", study_uid=request.study_uid
+            )
+        decision = self.decide(acq)
+        if not decision.ai_used:
+            log.info("AI is switched off for the study's site: no segmentation, no draft")
+            subject = (
+                {"reference": request.patient_ref}
+                if request.patient_ref
+                else {"identifier": {"system": PATIENT_ID_SYSTEM, "value": request.patient_id}}
+            )
+            return ai_not_used_bundle(acq, subject, decision)
         result = analyze_study(
             request.study_uid,
-            images=self.images,
+            images=_Loaded(self.images, volume),
             priors=store,
             segmenter=self.segmenter,
             settings=self.settings,
             drafter=self.drafter,
         )
-        if result.acquisition.study_uid != request.study_uid:
-            raise InputError(
-                "the image source returned a different study than the Task names", study_uid=request.study_uid
-            )
         self.last_result = result
-        observe_steps(result.step_seconds)
-        log.info("steps: %s", ", ".join(f"{k} {v:.2f} s" for k, v in result.step_seconds.items()))
+        steps = {**result.step_seconds, "ingest": round(result.step_seconds.get("ingest", 0.0) + load_s, 3)}
+        observe_steps(steps)
+        log.info("steps: %s", ", ".join(f"{k} {v:.2f} s" for k, v in steps.items()))
         if self.artifacts_dir is not None:
             save_artifacts(result, self.artifacts_dir)
         issued = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -158,10 +188,32 @@ class PipelineAnalyzer:
             publish_to_pacs(result, self.images, self.pacs)
         return local
 
+    def decide(self, acq: AcquisitionInfo) -> AiDecision:
+        """Whether AI is used for a study with these acquisition facts: its site's switch (``core.oversight``)."""
+        site = site_of_station(acq.station_name, self.station_sites)
+        switch = self.switches.current(site) if self.switches is not None and site is not None else None
+        return decide_ai_use(site, switch)
+
     async def _publish(self, bundle: dict[str, Any]) -> Any:
         assert self.ehr is not None
         async with self.ehr.client() as ehr:
             return await publish_report(ehr, bundle)
+
+
+class _Loaded:
+    """The image source, with the study already loaded (to read its site before any model runs) served from
+    memory instead of being read a second time."""
+
+    def __init__(self, images: ImageSource, volume: Volume) -> None:
+        self._images = images
+        self._volume = volume
+
+    def load_study(self, ref: str) -> Volume:
+        acq = self._volume.acquisition
+        return self._volume if acq is not None and acq.study_uid == ref else self._images.load_study(ref)
+
+    def find_study(self, study_uid: str) -> Volume | None:
+        return self._images.find_study(study_uid)
 
 
 def source_headers(images: ImageSource, result: StudyResult) -> list[Dataset]:

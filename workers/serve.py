@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from adapters.ai_switch import AiSwitchStore
 from adapters.artifacts import ReusingSegmenter
 from adapters.dicomweb import DicomWebClient, DicomWebImageSource
 from adapters.fhir_client import RetryPolicy, SmartBackendAuth
@@ -66,7 +67,8 @@ def build_analyzer(
     settings: Settings, segmenter: Segmenter | None = None, images: ImageSource | None = None
 ) -> PipelineAnalyzer:
     """The analysis behind every Task of this process; the segmentation model is loaded here, once. With a PACS
-    the SEG and SR of each analysis go to it (unless ``pacs_publish_results`` is off)."""
+    the SEG and SR of each analysis go to it (unless ``pacs_publish_results`` is off). Each study's site is looked
+    up in the AI switch of the shared database (``database_url``) before any model runs."""
     if segmenter is None:
         import torch
 
@@ -87,6 +89,8 @@ def build_analyzer(
         artifacts_dir=settings.artifacts_dir,
         drafter=build_drafter(settings),
         pacs=pacs if settings.pacs_publish_results else None,
+        switches=AiSwitchStore(settings.database_url),
+        station_sites=settings.web_station_sites,
     )
 
 

@@ -35,6 +35,7 @@ from fixtures.synth.evaluation import TruthSegmenter
 from service.app import create_app
 from service.auth import mint_token
 from service.jobs import TASK_CODE_ANALYZE, TASK_CODE_SYSTEM
+from service.users import UserStore
 from workers.analysis import EhrConnection, PipelineAnalyzer
 
 pytestmark = pytest.mark.integration
@@ -144,6 +145,46 @@ def test_an_ehr_client_orders_an_analysis_and_reads_the_report(api: Api) -> None
     again = client.resource("Task", **_task(_study_uid(api.patient, 1), pid))
     again.save()
     assert again["id"] == task["id"]
+
+
+def test_only_a_radiologist_makes_a_report_final_and_every_attempt_is_audited(
+    api: Api, postgres_db: Postgres
+) -> None:
+    """A system client cannot sign; a radiologist's token cannot sign AI findings nobody reviewed (this API's
+    analyzer keeps no analysis record, so they cannot be reviewed here); both refusals are AuditEvents."""
+    client = SyncFHIRClient(f"{api.url}/fhir", authorization=f"Bearer {api.token}")
+    report = client.resources("DiagnosticReport").search(status="preliminary").first()
+    assert report is not None, "run after the analysis test"
+    url = f"{api.url}/fhir/DiagnosticReport/{report['id']}"
+    body = {**report.serialize(), "status": "final"}
+    if_match = {"If-Match": f'W/"{report["meta"]["versionId"]}"'}
+    system = mint_token(SECRET, "ehr-2", "system/DiagnosticReport.rus")
+    refused = httpx.put(url, json=body, headers={**api.headers(system), **if_match})
+    assert refused.status_code == 403 and refused.json()["resourceType"] == "OperationOutcome"
+    assert "only by a radiologist" in refused.json()["issue"][0]["diagnostics"]
+    users = UserStore(postgres_db.url)
+    try:
+        if users.get("rad-api") is None:
+            users.add_user("rad-api", "correct-horse-battery", role="radiologist", sites=["*"])
+    finally:
+        users.close()
+    radiologist = mint_token(SECRET, "rad-api", "user/DiagnosticReport.ru")
+    unreviewed = httpx.put(url, json=body, headers={**api.headers(radiologist), **if_match})
+    assert unreviewed.status_code == 422, unreviewed.text
+    assert unreviewed.json()["issue"][0]["code"] == "business-rule"
+    assert "cannot be reviewed" in unreviewed.json()["issue"][0]["diagnostics"]
+    assert client.reference("DiagnosticReport", report["id"]).to_resource()["status"] == "preliminary"
+
+    auditor = SyncFHIRClient(
+        f"{api.url}/fhir", authorization=f"Bearer {mint_token(SECRET, 'auditor', 'system/AuditEvent.rs')}"
+    )
+    ref = f"DiagnosticReport/{report['id']}"
+    signs = auditor.resources("AuditEvent").search(entity=ref, subtype="report-sign").sort("date").fetch_all()
+    agents = [(e["outcome"], e["agent"][0]["who"]["identifier"]["value"]) for e in signs]
+    assert agents == [("4", "ehr-2"), ("4", "rad-api")]
+    assert len(auditor.resources("AuditEvent").search(entity=ref, subtype="ai-output").fetch_all()) == 1
+    for event in signs:
+        get_fhir_model_class("AuditEvent").model_validate(event.serialize())
 
 
 def test_scope_and_validation_errors_are_operation_outcomes(api: Api) -> None:

@@ -35,6 +35,7 @@ from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from adapters import fhir_codes as C
+from adapters.ai_switch import AiSwitchStore
 from adapters.evidence import report_text
 from adapters.fhir_client import FhirClient, RetryPolicy
 from adapters.fhir_publish import EHR_REPORT_SYSTEM, OBSERVATION_ID_SYSTEM, SITE_EXTENSION, sign_report
@@ -83,6 +84,7 @@ class Stack:
     ehr_report: str  # "DiagnosticReport/<id>" at the EHR
     api_token: str
     analysis: dict[str, Any]  # the follow-up's report.json (artifacts)
+    artifacts_dir: Path
 
 
 def _study_uid(p: PatientTruth, t: int) -> str:
@@ -139,11 +141,15 @@ def stack(
     users.add_user("two", PASSWORD, role="radiologist", sites=["north"], display_name="Dr Two")
     users.add_user("clin", PASSWORD, role="clinician", sites=["north"], display_name="Dr Clinic")
     users.add_user("far", PASSWORD, role="radiologist", sites=["south"], display_name="Dr Far")
+    users.add_user("boss", PASSWORD, role="admin", sites=["*"], display_name="Site Admin")
+    switches = AiSwitchStore(settings.database_url)
     analyzer = PipelineAnalyzer(
         images=FolderImageSource([patient.folder]),
         segmenter=TruthSegmenter(patient.folder),
         ehr=EhrConnection(fhir_server.base_url, retry=FAST),
         artifacts_dir=settings.artifacts_dir,
+        switches=switches,
+        station_sites=settings.web_station_sites,
     )
     app = create_app(settings, analyzer=analyzer, users=users)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -183,11 +189,14 @@ def stack(
         ehr_report = "/".join(ehr_value.rsplit("/", 2)[-2:])
         SHOTS.mkdir(parents=True, exist_ok=True)
         analysis = json.loads((settings.artifacts_dir / _study_uid(patient, 2) / "report.json").read_text())
-        yield Stack(url, fhir_server.base_url, patient, report_id, ehr_report, token, analysis)
+        yield Stack(
+            url, fhir_server.base_url, patient, report_id, ehr_report, token, analysis, settings.artifacts_dir
+        )
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         users.close()
+        switches.close()
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +324,17 @@ def test_radiologist_reviews_evidence_rejects_a_finding_edits_and_signs(
     )
     findings_text = page.get_by_test_id("findings").input_value()
     assert "L3" not in findings_text and "L1" in findings_text
+    # signing before every AI finding has a verdict is refused, naming the ones left
+    expect(page.get_by_test_id("pending")).to_contain_text("L1, L2, L4")
+    page.get_by_test_id("sign").click()
+    expect(page.get_by_test_id("conflict")).to_contain_text("Not signed.")
+    expect(page.get_by_test_id("conflict")).to_contain_text("not reviewed: L1, L2, L4")
+    expect(page.get_by_test_id("status")).to_have_text("preliminary")
+    _shot(page, "04a-sign-refused-findings-pending")
+    for label in ("L1", "L2", "L4"):
+        page.locator(f"[data-testid=finding][data-label={label}]").get_by_test_id("accept").click()
+        expect(page.get_by_test_id("notice")).to_have_text("Finding accepted.")
+    expect(page.get_by_test_id("pending")).to_have_count(0)
     # edit a sentence and sign
     edited = findings_text.replace("Liver lesion L1", "Segment VII liver lesion L1", 1)
     assert edited != findings_text
@@ -350,6 +370,35 @@ def test_radiologist_reviews_evidence_rejects_a_finding_edits_and_signs(
     ident = f"{analysis['study']['study_uid']}/{analysis['model_version']}/{l3_track}"
     obs = httpx.get(f"{stack.ehr_url}/Observation", params={"identifier": f"{OBSERVATION_ID_SYSTEM}|{ident}"})
     assert [e["resource"]["status"] for e in obs.json()["entry"]] == ["entered-in-error"]
+
+    # the audit trail in PostgreSQL, through the FHIR API: the AI output, the verdicts, the refused and the
+    # accepted signature, each by whom
+    def audit(**params: str) -> list[dict[str, Any]]:
+        auditor = mint_token(SECRET, "auditor", "system/AuditEvent.rs")
+        r = httpx.get(
+            f"{stack.url}/fhir/AuditEvent",
+            params={**params, "_sort": "_lastUpdated"},
+            headers={"Authorization": f"Bearer {auditor}"},
+        )
+        assert r.status_code == 200, r.text
+        return [e["resource"] for e in r.json().get("entry", [])]
+
+    report_ref = f"DiagnosticReport/{stack.report_id}"
+    ai_output = audit(entity=report_ref, subtype="ai-output")
+    assert len(ai_output) == 1 and ai_output[0]["agent"][0]["who"]["reference"].startswith("Device/")
+    signs = audit(entity=report_ref, subtype="report-sign")
+    assert [(e["outcome"], e["agent"][0]["who"]["identifier"]["value"]) for e in signs] == [
+        ("4", "one"),
+        ("0", "one"),
+    ]
+    assert "not reviewed: L1, L2, L4" in signs[0]["outcomeDesc"]
+    verdicts = audit(entity=report_ref, **{"agent:identifier": f"{USER_SYSTEM}|one"})
+    kinds = [e["subtype"][0]["code"] for e in verdicts]
+    assert kinds.count("finding-accept") == 3 and kinds.count("finding-reject") == 1
+    assert "report-view" in kinds and "report-edit" in kinds  # Dr One's save in the first test
+    l3 = audit(**{"entity:identifier": f"urn:dicom:uid|urn:oid:{l3_track}"})
+    assert [e["subtype"][0]["code"] for e in l3] == ["finding-reject"]
+    assert "Dr One" not in json.dumps(audit(entity=report_ref))
 
 
 def test_clinician_sees_the_course_and_cannot_sign(stack: Stack, context: BrowserContext) -> None:
@@ -397,6 +446,78 @@ def test_report_text_from_the_model_is_escaped_too(stack: Stack) -> None:
         client.post("/login", data={"username": "clin", "password": PASSWORD, "csrf_token": csrf.group(1)})
         html = client.get(f"/patients/{_report(stack)['subject']['reference'].split('/')[1]}").text
     assert "<script>window.__xss" not in html and "&lt;script&gt;window.__xss=1&lt;/script&gt;" in html
+
+
+def test_an_admin_switches_ai_off_for_the_site_and_the_next_study_is_read_without_ai(
+    stack: Stack, context: BrowserContext, browser: Browser
+) -> None:
+    page = context.new_page()
+    _login(page, stack, "boss")
+    page.get_by_test_id("admin-ai").click()
+    expect(page.locator("[data-site=north] [data-testid=state]")).to_have_text("on")
+    page.get_by_test_id("site").fill("north")
+    page.get_by_test_id("off").check()
+    page.get_by_test_id("reason").fill("scanner upgrade, model not validated on it yet")
+    page.get_by_test_id("apply").click()
+    expect(page.get_by_test_id("notice")).to_have_text("AI switch changed.")
+    expect(page.locator("[data-site=north] [data-testid=state]")).to_have_text("off")
+    _shot(page, "09-ai-switched-off")
+    headers = {"Authorization": f"Bearer {stack.api_token}"}
+    try:
+        # the EHR orders the analysis of another study of this site (the first prior, not analysed here yet)
+        pid = json.loads((stack.patient.folder / "patient.json").read_text())["patient_id"]
+        task = {
+            "resourceType": "Task",
+            "status": "requested",
+            "intent": "order",
+            "code": {"coding": [{"system": TASK_CODE_SYSTEM, "code": TASK_CODE_ANALYZE}]},
+            "focus": {
+                "identifier": {"system": C.DICOM_UID, "value": f"urn:oid:{_study_uid(stack.patient, 1)}"}
+            },
+            "for": {"identifier": {"system": C.PATIENT_ID_SYSTEM, "value": pid}},
+        }
+        reports_before = httpx.get(f"{stack.url}/fhir/DiagnosticReport", headers=headers).json()["total"]
+        created = httpx.post(f"{stack.url}/fhir/Task", json=task, headers=headers).json()
+        deadline = time.monotonic() + 60
+        while (done := httpx.get(f"{stack.url}/fhir/Task/{created['id']}", headers=headers).json())[
+            "status"
+        ] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, "the analysis did not finish"
+            time.sleep(0.25)
+        assert done["status"] == "completed", done.get("statusReason")
+        assert done["businessStatus"]["coding"][0]["code"] == "ai-not-used"
+        assert "AI is switched off for site north" in done["businessStatus"]["text"]
+        assert (
+            httpx.get(f"{stack.url}/fhir/DiagnosticReport", headers=headers).json()["total"] == reports_before
+        )
+        assert not (stack.artifacts_dir / _study_uid(stack.patient, 1)).exists()  # no segmentation was kept
+        # the radiologist's worklist says so
+        own = browser.new_context(viewport={"width": 1400, "height": 1000})
+        try:
+            reader = own.new_page()
+            _login(reader, stack, "one", "/worklist")
+            row = reader.get_by_test_id("ai-not-used").locator(f"tr[data-task='{done['id']}']")
+            expect(row).to_contain_text("AI not used")
+            expect(row).to_contain_text("north")
+            _shot(reader, "10-worklist-ai-not-used")
+        finally:
+            own.close()
+    finally:
+        page.goto(f"{stack.url}/admin/ai")
+        page.get_by_test_id("site").fill("north")
+        page.get_by_test_id("on").check()
+        page.get_by_test_id("reason").fill("validated on the upgraded scanner")
+        page.get_by_test_id("apply").click()
+        expect(page.locator("[data-site=north] [data-testid=state]")).to_have_text("on")
+    auditor = {"Authorization": f"Bearer {mint_token(SECRET, 'auditor', 'system/AuditEvent.rs')}"}
+    changes = httpx.get(
+        f"{stack.url}/fhir/AuditEvent", params={"subtype": "ai-switch-change"}, headers=auditor
+    ).json()
+    assert changes["total"] == 2
+    no_ai = httpx.get(
+        f"{stack.url}/fhir/AuditEvent", params={"entity": f"Task/{done['id']}"}, headers=auditor
+    ).json()
+    assert [e["resource"]["subtype"][0]["code"] for e in no_ai["entry"]] == ["ai-not-used"]
 
 
 # --- sending a signature again ----------------------------------------------------------------------
