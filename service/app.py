@@ -49,6 +49,7 @@ from adapters.telemetry import StoreCollector, metrics_text, redis_queue_depths
 from core.errors import IntervalError
 from service.auth import Client, TokenVerifier, require
 from service.capability import SERVED, Served, capability_statement
+from service.drift_api import mount_drift
 from service.jobs import (
     TASK_KEY_SYSTEM,
     AnalysisRequest,
@@ -253,6 +254,7 @@ def create_app(
         return _resource_response(stored, base, 200)
 
     mount_web(app, settings, store, users)
+    mount_drift(app, collector)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -21,10 +21,12 @@ import numpy as np
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse
 from jinja2 import ChainableUndefined, Environment, FileSystemLoader
+from sqlalchemy.exc import SQLAlchemyError
 
 from adapters import fhir_codes as C
 from adapters.artifacts import load_artifacts
 from adapters.dicom_series import load_study
+from adapters.drift_store import DriftStore
 from adapters.evidence import report_text
 from adapters.fhir_publish import EHR_REPORT_SYSTEM, SITE_EXTENSION
 from adapters.fhir_search import parse_reference
@@ -158,6 +160,7 @@ class WebPages:
         self._owns_users = users is None
         self.images = images if images is not None else FolderImageSource(list(settings.image_roots))
         self.ehr = EhrLink(settings)
+        self.drift = DriftStore(store.database_url)  # the drift monitor's tables (service.drift_api)
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -175,6 +178,7 @@ class WebPages:
         """Release what the pages opened (the accounts' database connections, when they opened them)."""
         if self._owns_users:
             self.users.close()
+        self.drift.close()
 
     # --- responses ------------------------------------------------------------------------------
 
@@ -232,6 +236,23 @@ class WebPages:
             if obs is not None:
                 found.append(obs)
         return found
+
+    def record_review(self, report: StoredReport) -> None:
+        """Tell the drift monitor which share of the report's AI findings radiologists have rejected so far
+        (an output signal: ``rejected_fraction``). A failure is logged; the review itself is kept."""
+        findings = {
+            str(lesion.get("track_id"))
+            for lesion in (report.analysis or {}).get("lesions", [])
+            if lesion.get("current")
+        }
+        if not findings or report.study_uid is None:
+            return
+        verdicts = self.users.feedback(report.id)
+        rejected = {t for t, f in verdicts.items() if f.decision == "rejected"} & findings
+        try:
+            self.drift.record_review(report.study_uid, len(rejected) / len(findings))
+        except SQLAlchemyError as exc:
+            log.warning("review of report %s not recorded for drift (%s)", report.id, type(exc).__name__)
 
     # --- a study's artifacts and images ---------------------------------------------------------
 

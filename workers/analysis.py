@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from adapters.artifacts import save_artifacts
 from adapters.dicom_series import scan_folder
 from adapters.dicomweb import DicomWebClient, DicomWebImageSource, StowResult
+from adapters.drift_recorder import DriftRecorder
 from adapters.ehr_priors import EhrPriorStore
 from adapters.fhir_client import FhirClient, RetryPolicy, SmartBackendAuth
 from adapters.fhir_publish import EHR_REPORT_SYSTEM, publish_report, report_bundle
@@ -69,7 +70,9 @@ class PipelineAnalyzer:
         artifacts_dir: Path | None = None,
         drafter: ReportDrafter | None = None,
         pacs: DicomWebClient | None = None,
+        drift: DriftRecorder | None = None,
     ) -> None:
+        self.drift = drift  # every result feeds the drift monitor; None: not monitored
         self.artifacts_dir = artifacts_dir
         self.drafter = drafter
         self.images = images
@@ -119,6 +122,8 @@ class PipelineAnalyzer:
             )
         self.last_result = result
         observe_steps(result.step_seconds)
+        if self.drift is not None:
+            self.drift.record_result(result)
         log.info("steps: %s", ", ".join(f"{k} {v:.2f} s" for k, v in result.step_seconds.items()))
         if self.artifacts_dir is not None:
             save_artifacts(result, self.artifacts_dir)

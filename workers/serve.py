@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from adapters.dicomweb import DicomWebClient, DicomWebImageSource
+from adapters.drift_recorder import DriftRecorder
 from adapters.fhir_client import RetryPolicy, SmartBackendAuth
 from adapters.image_folder import FolderImageSource
 from adapters.settings import Settings
@@ -82,6 +83,7 @@ def build_analyzer(
         artifacts_dir=settings.artifacts_dir,
         drafter=build_drafter(settings),
         pacs=pacs if settings.pacs_publish_results else None,
+        drift=DriftRecorder.from_settings(settings) if settings.drift_monitor else None,
     )
 
 
