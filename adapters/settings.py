@@ -266,3 +266,8 @@ class Settings(BaseSettings):
     # where `interval watch-pacs` keeps its position in Orthanc's change log (and the series it has seen)
     pacs_watch_state: Path = Path("cache/pacs-watch.json")
     pacs_watch_interval_s: float = 1.0
+
+    # --- drift monitoring (core/drift.py, adapters/drift_store.py) ---
+    # every analysed study records its input and output signals and steps its scanner's drift monitor (same
+    # database); sites come from web_station_sites
+    drift_monitor: bool = True

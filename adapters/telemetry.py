@@ -7,7 +7,12 @@ Metrics (``prometheus_client``):
 - ``interval_step_seconds{step}``: duration of each pipeline step (ingest, segment, measure, priors,
   compare, draft) and of ``publish``;
 - ``interval_queue_depth{queue}``: messages waiting in each Celery queue (read from Redis at scrape time);
-- ``interval_tasks{status}``: FHIR Tasks in Interval's store by status (read at scrape time).
+- ``interval_tasks{status}``: FHIR Tasks in Interval's store by status (read at scrape time);
+- drift monitoring (``DriftCollector``, read from the drift tables at scrape time): ``interval_drift_score``,
+  ``interval_drift_score_threshold``, ``interval_drift_alerts_active``, ``interval_drift_studies`` (since the
+  reference) per ``{site, station}``, and ``interval_drift_signal_z{site, station, signal}`` (each signal's
+  standardised distance in the last window); counted where they happen: ``interval_drift_alerts_raised_total
+  {site, station}`` and ``interval_drift_record_failures_total``.
 
 Celery's prefork workers are separate processes: set ``PROMETHEUS_MULTIPROC_DIR`` (a shared, emptied-at-
 start folder) for workers and API on one host, and the API's ``/metrics`` aggregates them.
@@ -30,11 +35,15 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 __all__ = [
     "ANALYSES",
+    "DRIFT_ALERTS",
+    "DRIFT_RECORD_FAILURES",
     "STEP_SECONDS",
+    "DriftCollector",
     "StoreCollector",
     "configure_logging",
     "log_context",
@@ -50,6 +59,11 @@ STEP_SECONDS = Histogram(
     "Duration of each pipeline step",
     ["step"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+)
+
+DRIFT_ALERTS = Counter("interval_drift_alerts_raised_total", "Drift alerts raised", ["site", "station"])
+DRIFT_RECORD_FAILURES = Counter(
+    "interval_drift_record_failures_total", "Studies whose drift signals could not be recorded"
 )
 
 _task_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
@@ -120,8 +134,9 @@ class StoreCollector(Collector):
     ) -> None:
         self.task_counts = task_counts
         self.queue_depths = queue_depths
+        self.extra: list[Collector] = []  # more scrape-time collectors (``DriftCollector``)
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         tasks = GaugeMetricFamily("interval_tasks", "FHIR Tasks in the store by status", labels=["status"])
         for status, n in sorted(self.task_counts().items()):
             tasks.add_metric([status], n)
@@ -135,6 +150,44 @@ class StoreCollector(Collector):
             for queue, n in sorted(depths.items()):
                 depth.add_metric([queue], n)
             yield depth
+        for collector in self.extra:
+            yield from collector.collect()
+
+
+class DriftCollector(Collector):
+    """Gauges of the drift monitor, read at scrape time from ``units`` (``DriftStore.units``)."""
+
+    def __init__(self, units: Callable[[], list[Any]]) -> None:
+        self.units = units
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        labels = ["site", "station"]
+        score = GaugeMetricFamily(
+            "interval_drift_score", "Concordance score of the last window", labels=labels
+        )
+        threshold = GaugeMetricFamily(
+            "interval_drift_score_threshold", "Score above which a window is positive", labels=labels
+        )
+        active = GaugeMetricFamily("interval_drift_alerts_active", "Active drift alerts", labels=labels)
+        studies = GaugeMetricFamily(
+            "interval_drift_studies", "Studies recorded since the reference was set", labels=labels
+        )
+        z = GaugeMetricFamily(
+            "interval_drift_signal_z",
+            "Standardised distance of each signal in the last window",
+            labels=[*labels, "signal"],
+        )
+        for u in self.units():
+            key = [u.unit.site, u.unit.station]
+            active.add_metric(key, u.active_alerts)
+            studies.add_metric(key, u.studies_since_reference)
+            if u.score is not None:
+                score.add_metric(key, u.score)
+            if u.score_threshold is not None:
+                threshold.add_metric(key, u.score_threshold)
+            for test in (u.last_evaluation or {}).get("tests", []):
+                z.add_metric([*key, test["signal"]], test["z"])
+        yield from (score, threshold, active, studies, z)
 
 
 def metrics_text(extra: Collector | None = None) -> bytes:

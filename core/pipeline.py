@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from core.confidence import add_spreads
+from core.drift_signals import image_signals
 from core.errors import AnalysisError, IntervalError
 from core.grounding import VerifiedDraft
 from core.history import TimePointAssessment, assess_history, baseline_roles
@@ -110,6 +111,8 @@ class StudyResult:
     segmentation: Segmentation | None = field(default=None, repr=False, compare=False)
     # the language model's verified draft (None: deterministic wording); ``report`` is its text
     draft: VerifiedDraft | None = None
+    # HU and noise statistics of the input for the drift monitor (``core.drift_signals.image_signals``)
+    image_signals: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 def _noop(step: str, state: str, detail: str) -> None:
@@ -175,6 +178,7 @@ def analyze_study(
         if isinstance(segmenter, AugmentingSegmenter) and segmenter.augmentations and detected:
             detected = add_spreads(volume, seg, detected, segmenter)
             d.append(f"spread over {1 + len(segmenter.augmentations)} views")
+        input_stats = image_signals(volume, seg.labels)
     with steps.step("priors") as d:
         tps = [
             tp
@@ -233,6 +237,7 @@ def analyze_study(
         spacing_kji_mm=volume.spacing_kji_mm,
         segmentation=seg,
         draft=draft,
+        image_signals=input_stats,
     )
 
 

@@ -59,6 +59,7 @@ from core.oversight import SIGNED_STATUSES, changes_signature
 from service import ai_switch
 from service.auth import Client, ForbiddenError, TokenVerifier, require
 from service.capability import SERVED, Served, capability_statement
+from service.drift_api import mount_drift
 from service.jobs import (
     TASK_KEY_SYSTEM,
     AnalysisRequest,
@@ -322,6 +323,7 @@ def create_app(
 
     app.include_router(ai_switch.api_router)
     app.state.users = mount_web(app, settings, store, users).users
+    mount_drift(app, collector)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -21,10 +21,12 @@ import numpy as np
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse
 from jinja2 import ChainableUndefined, Environment, FileSystemLoader
+from sqlalchemy.exc import SQLAlchemyError
 
 from adapters import fhir_codes as C
 from adapters.artifacts import load_artifacts
 from adapters.dicom_series import load_study
+from adapters.drift_store import DriftStore
 from adapters.evidence import report_text
 from adapters.fhir_audit import audit_event, user_agent
 from adapters.fhir_publish import AI_NOT_USED, AI_OUTCOME_SYSTEM, EHR_REPORT_SYSTEM, SITE_EXTENSION
@@ -164,6 +166,7 @@ class WebPages:
             else FolderImageSource(list(settings.image_roots), settings.series_rules())
         )
         self.ehr = EhrLink(settings)
+        self.drift = DriftStore(store.database_url)  # the drift monitor's tables (service.drift_api)
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -181,6 +184,7 @@ class WebPages:
         """Release what the pages opened (the accounts' database connections, when they opened them)."""
         if self._owns_users:
             self.users.close()
+        self.drift.close()
 
     # --- responses ------------------------------------------------------------------------------
 
@@ -287,6 +291,23 @@ class WebPages:
             if obs is not None:
                 found.append(obs)
         return found
+
+    def record_review(self, report: StoredReport) -> None:
+        """Tell the drift monitor which share of the report's AI findings radiologists have rejected so far
+        (an output signal: ``rejected_fraction``). A failure is logged; the review itself is kept."""
+        findings = {
+            str(lesion.get("track_id"))
+            for lesion in (report.analysis or {}).get("lesions", [])
+            if lesion.get("current")
+        }
+        if not findings or report.study_uid is None:
+            return
+        verdicts = self.users.feedback(report.id)
+        rejected = {t for t, f in verdicts.items() if f.decision == "rejected"} & findings
+        try:
+            self.drift.record_review(report.study_uid, len(rejected) / len(findings))
+        except SQLAlchemyError as exc:
+            log.warning("review of report %s not recorded for drift (%s)", report.id, type(exc).__name__)
 
     # --- a study's artifacts and images ---------------------------------------------------------
 

@@ -441,6 +441,7 @@ def review_finding(request: Request, web: Web, form: Form, report_id: str, track
             now,
         )
     )
+    web.record_review(report)  # the drift monitor's rejected_fraction
     web.users.record_event(
         ReportEvent(
             report_id,

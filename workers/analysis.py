@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from adapters.artifacts import save_artifacts
 from adapters.dicom_series import DEFAULT_RULES, series_source_headers
 from adapters.dicomweb import DicomWebClient, DicomWebImageSource, StowResult
+from adapters.drift_recorder import DriftRecorder
 from adapters.ehr_priors import EhrPriorStore
 from adapters.fhir_client import FhirClient, RetryPolicy, SmartBackendAuth
 from adapters.fhir_codes import PATIENT_ID_SYSTEM
@@ -83,7 +84,9 @@ class PipelineAnalyzer:
         pacs: DicomWebClient | None = None,
         switches: AiSwitchReader | None = None,
         station_sites: Mapping[str, str] | None = None,
+        drift: DriftRecorder | None = None,
     ) -> None:
+        self.drift = drift  # every result feeds the drift monitor; None: not monitored
         self.artifacts_dir = artifacts_dir
         self.switches = switches  # each site's AI switch; None: AI is used for every study
         self.station_sites = dict(station_sites or {})  # DICOM StationName -> site (as the web pages map it)
@@ -149,6 +152,8 @@ class PipelineAnalyzer:
         self.last_result = result
         steps = {**result.step_seconds, "ingest": round(result.step_seconds.get("ingest", 0.0) + load_s, 3)}
         observe_steps(steps)
+        if self.drift is not None:
+            self.drift.record_result(result)
         log.info("steps: %s", ", ".join(f"{k} {v:.2f} s" for k, v in steps.items()))
         if self.artifacts_dir is not None:
             save_artifacts(result, self.artifacts_dir)

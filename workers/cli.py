@@ -32,6 +32,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from core.errors import ExternalServiceError, InputError, IntervalError, ModelError
+from workers.drift_cli import drift_app
 
 app = typer.Typer(
     add_completion=False,
@@ -714,6 +715,7 @@ user_app = typer.Typer(
     no_args_is_help=True, help="Accounts of the web pages (radiologists, clinicians, admins)."
 )
 app.add_typer(user_app, name="user")
+app.add_typer(drift_app, name="drift")
 PASSWORD_ENV = "INTERVAL_USER_PASSWORD"
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from adapters.ai_switch import AiSwitchStore
 from adapters.artifacts import ReusingSegmenter
 from adapters.dicomweb import DicomWebClient, DicomWebImageSource
+from adapters.drift_recorder import DriftRecorder
 from adapters.fhir_client import RetryPolicy, SmartBackendAuth
 from adapters.image_folder import FolderImageSource
 from adapters.settings import Settings
@@ -91,6 +92,7 @@ def build_analyzer(
         pacs=pacs if settings.pacs_publish_results else None,
         switches=AiSwitchStore(settings.database_url),
         station_sites=settings.web_station_sites,
+        drift=DriftRecorder.from_settings(settings) if settings.drift_monitor else None,
     )
 
 
