@@ -147,16 +147,6 @@ class ReusingSegmenter:
             return stored
         return self.inner.segment(volume)
 
-    @property
-    def augmentations(self) -> tuple[str, ...]:
-        return self.inner.augmentations if isinstance(self.inner, AugmentingSegmenter) else ()
-
-    def augmented_views(self, volume: Volume, boxes_kji: Sequence[BoxKji]) -> list[list[Segmentation]]:
-        """The inner segmenter's test-time augmentation (a stored label map carries none)."""
-        if not isinstance(self.inner, AugmentingSegmenter):
-            return [[] for _ in boxes_kji]
-        return self.inner.augmented_views(volume, boxes_kji)
-
     def _stored(self, volume: Volume) -> Segmentation | None:
         acq = volume.acquisition
         if acq is None:

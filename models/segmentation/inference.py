@@ -204,7 +204,6 @@ class MonaiSegmenter:
         is added to the lesion logit before the decision."""
         return to_segmentation(self.probabilities(volume), volume.shape, lesion_logit_bias)
 
-
     def lesion_window(self, work_shape: tuple[int, ...], work_box: Sequence[tuple[int, int]]) -> list[slice]:
         """The patch-sized window of the working grid centred on a box (the whole axis when shorter)."""
         out = []
