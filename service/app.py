@@ -294,7 +294,7 @@ def create_app(
             user = require_signer(
                 client, "a DiagnosticReport becomes final or amended, and a signed one changes,"
             )
-            if new in SIGNED_STATUSES:
+            if old not in SIGNED_STATUSES:  # the first signature; the page reviews drafts only, too
                 require_reviewed(web, web.wrap(existing, with_analysis=True))
         except ForbiddenError:
             who = f"a {client.user.role.value}" if client.user else "a system client"

@@ -520,6 +520,9 @@ def test_the_api_makes_a_report_final_only_for_a_radiologist_who_reviewed_every_
         site.store.read("DiagnosticReport", site.report_id)["conclusion"]
         == "Stable disease, edited by the EHR."
     )
+    amended = put({**signed.json(), "status": "amended", "conclusion": "Amended by the radiologist."}, rad)
+    assert amended.status_code == 200 and amended.json()["status"] == "amended"
+    assert [e.action for e in site.users.events(site.report_id)] == ["signed", "amended"]
     # a person's token reads single resources only
     assert site.client.get("/fhir/DiagnosticReport", headers=rad).status_code == 403
     events = _audit(site, entity=url.removeprefix("/fhir/"), _sort="_lastUpdated")
@@ -533,6 +536,7 @@ def test_the_api_makes_a_report_final_only_for_a_radiologist_who_reviewed_every_
         ("report-sign", "4", "rad"),
         ("report-sign", "0", "rad"),
         ("report-amend", "4", "ehr-1"),
+        ("report-amend", "0", "rad"),
     ]
 
 
