@@ -4,6 +4,7 @@ tests/integration/test_drift.py."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,3 +266,37 @@ def test_the_dashboard_shows_scanners_and_alerts_to_those_who_may_see_them(app):
     app.cookies.clear()
     _login(app, "clin")
     assert app.get("/drift").status_code == 403
+
+
+def test_the_command_line_sets_a_reference_from_signals_and_reports_status(tmp_path):
+    from typer.testing import CliRunner
+
+    from workers.cli import app as cli
+
+    url = f"sqlite:///{tmp_path / 'interval.db'}"
+    signals = tmp_path / "validation.jsonl"
+    signals.write_text("\n".join(json.dumps(s.to_json()) for s in stream(1, 80)) + "\n")
+    env = {"INTERVAL_DATABASE_URL": url}
+    runner = CliRunner()
+    done = runner.invoke(
+        cli,
+        ["drift", "reference", "north", "CT-N1", "--from", str(signals), "--signals", "image,header"],
+        env=env,
+    )
+    assert done.exit_code == 0, done.output
+    assert "reference of north/CT-N1 set: 40 reference + 40 calibration studies" in done.output
+    drift = DriftStore(url)
+    try:
+        reference = drift.reference(UNIT)
+        assert reference is not None and "lesion_count" not in reference.signals  # output left out as asked
+        assert {"noise_hu", "manufacturer"} <= set(reference.signals)
+    finally:
+        drift.close()
+    status = runner.invoke(cli, ["drift", "status"], env=env)
+    assert status.exit_code == 0 and "CT-N1" in status.output
+    few = runner.invoke(cli, ["drift", "reference", "south", "CT-S1", "--from", str(signals)], env=env)
+    assert few.exit_code == 2 and "at least 40 validation studies" in few.output
+    bad = runner.invoke(
+        cli, ["drift", "reference", "north", "CT-N1", "--from", str(signals), "--signals", "age"], env=env
+    )
+    assert bad.exit_code == 2 and "unknown signal or group 'age'" in bad.output
