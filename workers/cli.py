@@ -425,14 +425,12 @@ def validate(
     against the imaging targets (sensitivity >= 95% for lesions >= 10 mm, <= 0.5 FP/study, median error <= 1.5 mm)."""
     with _user_errors(out.parent if out else None):
         from adapters.settings import Settings
-        from models.segmentation.calibration import CalibratedSegmenter, CalibrationRegistry
-        from models.segmentation.inference import MonaiSegmenter
+        from models.segmentation.calibration import calibrated_segmenter
         from models.segmentation.validation import markdown_table, records_json, summarize, validate_cohort
 
         settings = Settings()
-        model = MonaiSegmenter(settings.segmenter_weights)
-        registry = CalibrationRegistry.load(settings.calibration_dir if calibrated else None)
-        segmenter = CalibratedSegmenter(model, registry)
+        segmenter = calibrated_segmenter(settings, tta=False, calibrated=calibrated)
+        model = segmenter.inner
         records = validate_cohort(
             cohort, segmenter, vendors=set(vendor or []) or None, progress=err_console.print
         )
@@ -471,14 +469,10 @@ def audit(
             studies = [StudyRecord.from_json(d) for d in json.loads(records.read_text())["studies"]]
         else:
             from adapters.settings import Settings
-            from models.segmentation.calibration import CalibratedSegmenter, CalibrationRegistry
-            from models.segmentation.inference import MonaiSegmenter
+            from models.segmentation.calibration import calibrated_segmenter
             from models.segmentation.validation import validate_cohort
 
-            settings = Settings()
-            segmenter = CalibratedSegmenter(
-                MonaiSegmenter(settings.segmenter_weights), CalibrationRegistry.load(settings.calibration_dir)
-            )
+            segmenter = calibrated_segmenter(Settings(), tta=False)
             studies = validate_cohort(cohort, segmenter, progress=err_console.print)
         result = run_audit(studies, n_boot=resamples)
         result["cohort"] = str(cohort)
@@ -514,11 +508,11 @@ def calibrate(
     with _user_errors(out_dir):
         from adapters.settings import Settings
         from models.segmentation.calibration import file_name, fit_cohort
-        from models.segmentation.inference import MonaiSegmenter
+        from models.segmentation.inference import segmenter_from_settings
 
         settings = Settings()
         folder = out_dir or settings.calibration_dir
-        fitted = fit_cohort(cohort, MonaiSegmenter(settings.segmenter_weights), per_station=per_station)
+        fitted = fit_cohort(cohort, segmenter_from_settings(settings, tta=False), per_station=per_station)
         folder.mkdir(parents=True, exist_ok=True)
         for cal in fitted:
             path = folder / file_name(cal)

@@ -73,14 +73,10 @@ def build_analyzer(
     if segmenter is None:
         import torch
 
-        from models.segmentation.calibration import CalibratedSegmenter, CalibrationRegistry
-        from models.segmentation.inference import segmenter_from_settings
+        from models.segmentation.calibration import calibrated_segmenter
 
         torch.set_num_threads(1)
-        calibrated = CalibratedSegmenter(
-            segmenter_from_settings(settings), CalibrationRegistry.load(settings.calibration_dir)
-        )
-        segmenter = ReusingSegmenter(calibrated, settings.artifacts_dir)
+        segmenter = ReusingSegmenter(calibrated_segmenter(settings), settings.artifacts_dir)
     pacs = images.client if isinstance(images, DicomWebImageSource) else pacs_client(settings)
     return PipelineAnalyzer(
         images=images if images is not None else image_source(settings, pacs),

@@ -37,10 +37,11 @@ import numpy as np
 from scipy import ndimage
 
 from adapters.dicom_series import load_study
+from adapters.settings import Settings
 from core.errors import ModelError
 from core.lesions import LesionFilter
 from core.types import AcquisitionInfo, BoxKji, LabelId, Segmentation, Volume
-from models.segmentation.inference import MonaiSegmenter, to_segmentation
+from models.segmentation.inference import MonaiSegmenter, segmenter_from_settings, to_segmentation
 from models.segmentation.validation import TARGETS, cohort_studies, score_study
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "CalibrationRegistry",
     "SiteCalibration",
     "apply_intensity",
+    "calibrated_segmenter",
     "fit_site",
     "intensity_stats",
 ]
@@ -126,6 +128,17 @@ class CalibrationRegistry:
         exact = [c for c in same if c.station_name == acq.station_name]
         anywhere = [c for c in same if c.station_name is None]
         return exact[0] if exact else (anywhere[0] if anywhere else None)
+
+
+def calibrated_segmenter(
+    settings: Settings, *, tta: bool = True, calibrated: bool = True
+) -> CalibratedSegmenter:
+    """The segmenter the settings choose (``segmenter_from_settings``) with the site calibrations of
+    ``calibration_dir`` (none with ``calibrated=False``): the one the workers, ``validate`` and ``audit`` use."""
+    return CalibratedSegmenter(
+        segmenter_from_settings(settings, tta=tta),
+        CalibrationRegistry.load(settings.calibration_dir if calibrated else None),
+    )
 
 
 def apply_intensity(volume: Volume, cal: SiteCalibration) -> Volume:

@@ -146,42 +146,14 @@ def test_interval_explain_draws_the_key_slice_with_the_saliency(demo_patient, tm
 
     out = tmp_path / "L1.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "explain",
-            str(demo_patient.folder / "t0" / "dicom"),
-            "--lesion",
-            "L1",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+
+    def explain(label: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "workers.cli", "explain", str(demo_patient.folder / "t0" / "dicom")]
+        command += ["--lesion", label, "--out", str(out)]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+    run = explain("L1")
     assert run.returncode == 0, run.stderr
     assert "L1: lesion probability" in run.stdout and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "explain",
-            str(demo_patient.folder / "t0" / "dicom"),
-            "--lesion",
-            "L99",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    missing = explain("L99")
     assert missing.returncode == 2 and "no lesion 'L99'" in missing.stderr
