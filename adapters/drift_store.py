@@ -37,15 +37,13 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    create_engine,
     func,
     select,
 )
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
-from sqlalchemy.pool import StaticPool
 
+from adapters.sql_store import make_engine
 from core.drift import (
     AlertDraft,
     MonitorState,
@@ -209,7 +207,7 @@ class DriftStore:
 
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
-        self._engine = _engine(database_url)
+        self._engine = make_engine(database_url)
         self._sqlite = self._engine.dialect.name == "sqlite"
         self._lock: threading.RLock | None = threading.RLock() if self._sqlite else None
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
@@ -487,15 +485,4 @@ def _alert(row: _Alert) -> AlertRecord:
         study_uids=list(row.study_uids),
         scanners=list(row.scanners),
         resolution=row.resolution,
-    )
-
-
-def _engine(url: str) -> Engine:
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    memory = url in ("sqlite://", "sqlite:///:memory:") or "mode=memory" in url
-    return create_engine(
-        url,
-        connect_args={"check_same_thread": False, "timeout": 30},
-        poolclass=StaticPool if memory else None,
     )
