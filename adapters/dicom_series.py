@@ -177,25 +177,29 @@ def load_study(folder: Path) -> Volume:
     cand = _select(folder, scan)
     directions, order, spacing = _geometry(folder, cand)
     ref = cand.headers[order[0]]
-    slices: list[np.ndarray] = []
+    # one float32 volume filled slice by slice: no list of slices to stack and copy (a 512x512x120 series
+    # is 126 MB; the stack and its cast doubled the peak and took 0.4 s)
+    voxels = np.empty((len(order), int(ref.Rows), int(ref.Columns)), dtype=np.float32)
     bad: list[Path] = []
-    for idx in order:
+    for k, idx in enumerate(order):
         path = cand.files[idx]
         try:
             ds = pydicom.dcmread(path)
-            arr = ds.pixel_array.astype(np.float32)
+            voxels[k] = ds.pixel_array
         except (InvalidDicomError, EOFError, OSError, ValueError, AttributeError, RuntimeError):
             bad.append(path)
             continue
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        slices.append(arr * slope + intercept)
+        if slope != 1.0:
+            voxels[k] *= np.float32(slope)
+        if intercept != 0.0:
+            voxels[k] += np.float32(intercept)
     if bad:
         raise UnreadableDicomError(
             f"{len(bad)} slice(s) of series {cand.series_uid} have unreadable pixel data "
             f"({_rel(folder, bad)}); the files may be truncated or use an unsupported transfer syntax"
         )
-    voxels = np.stack(slices).astype(np.float32)
     row_sp, col_sp = (float(v) for v in ref.PixelSpacing)
     info = AcquisitionInfo(
         study_uid=str(ref.get("StudyInstanceUID", "")),

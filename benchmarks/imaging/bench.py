@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from core.types import LabelId
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 DEFAULT_VENV = Path.home() / ".cache" / "interval" / "deploy-venv"
@@ -71,7 +73,7 @@ def series_for(size: Size, data: Path) -> Path:
     from fixtures.synth.cohort import CohortOptions, make_patient
 
     cropped = data / size.name / "series"
-    if cropped.is_dir() and len(list(cropped.glob("*.dcm"))) == size.slices:
+    if (cropped / "crop.json").is_file() and len(list(cropped.glob("*.dcm"))) == size.slices:
         return cropped
     options = CohortOptions(
         seed=303, matrix=size.matrix, vendors=(size.vendor,), min_time_points=1, max_time_points=1
@@ -94,6 +96,7 @@ def series_for(size: Size, data: Path) -> Path:
     cropped.mkdir(parents=True)
     for f in ordered[start : start + size.slices]:
         shutil.copy2(f, cropped / f.name)
+    (cropped / "crop.json").write_text(json.dumps({"first_slice": start, "of": len(ordered)}))
     kept = int(np.count_nonzero((truth[start : start + size.slices] > 0).any(axis=(1, 2))))
     log(f"{size.name}: slices {start}..{start + size.slices - 1} of {len(ordered)} ({kept} with lesion)")
     return cropped
@@ -215,6 +218,14 @@ def lesion_mask(seg_file: Path, series: Path) -> np.ndarray:
     return np.asarray(pixels) > 0
 
 
+def truth_lesions(series: Path) -> np.ndarray:
+    """The generator's lesion voxels on the cropped series' grid."""
+    start = json.loads((series / "crop.json").read_text())["first_slice"]
+    labels = np.load(series.parent / "generated" / "SYN3030000" / "t0" / "truth_labels.npz")["labels"]
+    n = len(list(series.glob("*.dcm")))
+    return np.asarray(labels[start : start + n] == LabelId.LESION)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return round(2 * int((a & b).sum()) / total, 3) if total else 1.0
@@ -251,6 +262,7 @@ def bench_size(size: Size, data: Path, work: Path, venv: Path, model_ts: Path) -
     sdk["pixdim_ijk"] = pixdim
     interval_mask = lesion_mask(here / "interval" / interval["seg_files"][0], series)
     sdk_mask = lesion_mask(here / "sdk" / sdk["seg_files"][0], series)
+    truth = truth_lesions(series)
     return {
         "series": {"size_ijk": [size.matrix, size.matrix, size.slices], "vendor_profile": size.vendor},
         "interval": interval,
@@ -262,8 +274,16 @@ def bench_size(size: Size, data: Path, work: Path, venv: Path, model_ts: Path) -
             "wall_vs_floor": round(interval["series_to_seg_s"] / floor["sliding_window_s"], 3),
             "process_wall_vs_sdk": round(interval["process_wall_s"] / sdk["process_wall_s"], 3),
         },
-        "lesion_voxels": {"interval": int(interval_mask.sum()), "sdk": int(sdk_mask.sum())},
-        "lesion_dice_interval_vs_sdk": dice(interval_mask, sdk_mask),
+        "lesion_voxels": {
+            "interval": int(interval_mask.sum()),
+            "sdk": int(sdk_mask.sum()),
+            "truth": int(truth.sum()),
+        },
+        "lesion_dice": {
+            "interval_vs_sdk": dice(interval_mask, sdk_mask),
+            "interval_vs_truth": dice(interval_mask, truth),
+            "sdk_vs_truth": dice(sdk_mask, truth),
+        },
     }
 
 
