@@ -8,8 +8,8 @@ series, frame of reference of the CT; contributing equipment names Interval (IHE
 A lesion's voxels are the connected component of the lesion label (26-connected, as ``core.lesions`` measures
 it) that holds its centroid (the component nearest to it when the centroid falls outside, e.g. a ring-shaped
 lesion). Disjoint lesions go to highdicom as one label map of segment numbers, not one full-volume plane stack
-per lesion: on a 512x512x120 series with 7 lesions that is 31 MB instead of 220 MB, and the SEG took 1.1 s
-instead of 3.9 s (``benchmarks/imaging``).
+per lesion: on a 512x512x120 series with 7 lesions that is 31 MB instead of 220 MB, and the SEG took 0.9 s
+instead of 4.2 s (``benchmarks/imaging``).
 """
 
 from __future__ import annotations
