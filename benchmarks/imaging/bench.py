@@ -1,6 +1,6 @@
 """DICOM CT series -> label map -> DICOM SEG: Interval's imaging path vs MONAI Deploy App SDK 4.0 vs the floor.
 
-    flock /tmp/interval-cpu.lock python -m benchmarks.imaging.bench --out benchmarks/imaging/result.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. flock /tmp/interval-cpu.lock .venv/bin/python -m benchmarks.imaging.bench
 
 Two generated series (``fixtures.synth``), cropped to exactly 80 and 120 slices around their lesions:
 256x256x80 (the ``siemens`` profile: 1.48 mm pixels, 3 mm slices) and 512x512x120 (``canon``: 0.70 mm pixels,
