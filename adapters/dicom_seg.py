@@ -5,8 +5,11 @@ TID 1500 SR and in the mCODE Tumor BodyStructure identifier), the finding site, 
 (Interval, model version). The instance is a derived object of the analysed CT series: same study, new
 series, frame of reference of the CT; contributing equipment names Interval (IHE AI Results).
 
-A lesion's voxels are the connected component of the lesion label that holds its centroid (the
-component nearest to it when the centroid falls outside, e.g. a ring-shaped lesion).
+A lesion's voxels are the connected component of the lesion label (26-connected, as ``core.lesions`` measures
+it) that holds its centroid (the component nearest to it when the centroid falls outside, e.g. a ring-shaped
+lesion). Disjoint lesions go to highdicom as one label map of segment numbers, not one full-volume plane stack
+per lesion: on a 512x512x120 series with 7 lesions that is 31 MB instead of 220 MB, and the SEG took 0.9 s
+instead of 4.2 s (``benchmarks/imaging``).
 """
 
 from __future__ import annotations
@@ -32,19 +35,26 @@ __all__ = ["lesion_instances", "write_lesion_seg"]
 
 _NS = uuid.UUID("3f9a6c1e-0b7d-4e55-8c1a-2d4e6f8a9b10")
 _MANUFACTURER = "Interval"
+_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
 def lesion_instances(result: StudyResult) -> dict[str, np.ndarray]:
     """track id -> boolean mask ([k, j, i]) of each detected lesion."""
+    components, chosen = _track_components(result)
+    return {track_id: components == label for track_id, label in chosen.items()}
+
+
+def _track_components(result: StudyResult) -> tuple[np.ndarray, dict[str, int]]:
+    """The lesion label's connected components (26-connected, as ``core.lesions.extract_lesions`` measures
+    them) and, per detected track, the component that holds its centroid (else the nearest component)."""
     seg = result.segmentation
     if seg is None:
         raise AnalysisError("the result holds no segmentation; a SEG cannot be written")
-    components, n = ndimage.label(seg.labels == int(LabelId.LESION))
-    masks: dict[str, np.ndarray] = {}
+    components, n = ndimage.label(seg.labels == int(LabelId.LESION), structure=_CONNECTIVITY)
+    chosen: dict[str, int] = {}
     if n == 0:
-        return masks
-    index = np.arange(1, n + 1)
-    centers = np.asarray(ndimage.center_of_mass(np.ones_like(components), components, index))
+        return components, chosen
+    centers: np.ndarray | None = None
     for t in result.lesions:
         if t.detected is None:
             continue
@@ -60,9 +70,31 @@ def lesion_instances(result: StudyResult) -> dict[str, np.ndarray]:
         )
         label = int(components[k, j, i]) if inside else 0
         if label == 0:
-            label = int(index[np.argmin(np.linalg.norm(centers - kji, axis=1))])
-        masks[t.track_id] = components == label
-    return masks
+            centers = _component_centers(components, n) if centers is None else centers
+            label = int(np.argmin(np.linalg.norm(centers - kji, axis=1))) + 1
+        chosen[t.track_id] = label
+    return components, chosen
+
+
+def _component_centers(components: np.ndarray, n: int) -> np.ndarray:
+    """Centre ``(k, j, i)`` of components ``1..n``, each computed inside its bounding box only."""
+    centers = np.full((n, 3), np.inf)
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is not None:
+            offset = np.array([s.start for s in box], dtype=float)
+            centers[index - 1] = np.argwhere(components[box] == index).mean(axis=0) + offset
+    return centers
+
+
+def _segment_pixels(components: np.ndarray, labels: list[int]) -> np.ndarray:
+    """Segment ``n`` (1-based) is component ``labels[n - 1]``: a label map of segment numbers (``[k, j, i]``)
+    when the segments are disjoint, else one binary plane stack per segment (``[k, j, i, n]``)."""
+    if len(set(labels)) == len(labels) and len(labels) < 2**16:
+        lut = np.zeros(int(components.max()) + 1, dtype=np.uint8 if len(labels) < 256 else np.uint16)
+        lut[labels] = np.arange(1, len(labels) + 1)
+        label_map: np.ndarray = lut[components]
+        return label_map
+    return np.stack([components == label for label in labels], axis=-1).astype(np.uint8)
 
 
 def write_lesion_seg(result: StudyResult, source_images: Sequence[Dataset], out_path: Path) -> Path:
@@ -75,8 +107,8 @@ def write_lesion_seg(result: StudyResult, source_images: Sequence[Dataset], out_
             f"{len(ordered)} source images for a volume of {result.volume_shape[0]} slices",
             study_uid=acq.study_uid,
         )
-    masks = lesion_instances(result)
-    tracked = [t for t in result.lesions if t.detected is not None and t.track_id in masks]
+    components, chosen = _track_components(result)
+    tracked = [t for t in result.lesions if t.detected is not None and t.track_id in chosen]
     if not tracked:
         raise AnalysisError("no detected lesion: there is nothing to segment", study_uid=acq.study_uid)
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -85,7 +117,6 @@ def write_lesion_seg(result: StudyResult, source_images: Sequence[Dataset], out_
         version=result.model_version,
     )
     descriptions = []
-    pixels = np.zeros((*result.volume_shape, len(tracked)), dtype=np.uint8)
     for n, t in enumerate(tracked, start=1):
         code, meaning = C.ORGAN_SNOMED[t.organ]
         descriptions.append(
@@ -101,7 +132,6 @@ def write_lesion_seg(result: StudyResult, source_images: Sequence[Dataset], out_
                 anatomic_regions=[hd.sr.CodedConcept(code, "SCT", meaning)],
             )
         )
-        pixels[..., n - 1] = masks[t.track_id]
     equipment = hd.ContributingEquipment(
         manufacturer=_MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
@@ -112,7 +142,7 @@ def write_lesion_seg(result: StudyResult, source_images: Sequence[Dataset], out_
     )
     seg = hd.seg.Segmentation(
         source_images=ordered,
-        pixel_array=pixels,
+        pixel_array=_segment_pixels(components, [chosen[t.track_id] for t in tracked]),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=f"2.25.{uuid.uuid5(_NS, acq.series_uid + '/seg-series').int}",

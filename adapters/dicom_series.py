@@ -271,9 +271,12 @@ def _pixels(
                     f"decoded frame of {stored.shape}, header says {(f.rows, f.columns)}"
                 )
                 continue
-            images.append(
-                (stored.astype(np.float64) * f.rescale_slope + f.rescale_intercept).astype(np.float32)
-            )
+            image = stored.astype(np.float32)
+            if f.rescale_slope != 1.0:  # float64 arithmetic only where a slope needs it (the common case has none)
+                image = (stored.astype(np.float64) * f.rescale_slope).astype(np.float32)
+            if f.rescale_intercept != 0.0:
+                image += np.float32(f.rescale_intercept)
+            images.append(image)
             uses[f.path] -= 1
             if uses[f.path] == 0:
                 del decoded[f.path]

@@ -81,18 +81,25 @@ def extract_lesions(
 ) -> list[DetectedLesion]:
     """Connected lesion components that pass ``keep``, measured and placed, largest first."""
     mask = seg.labels == LabelId.LESION
-    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     out: list[DetectedLesion] = []
-    if n == 0:
+    kji = np.unravel_index(np.flatnonzero(mask), mask.shape)
+    if kji[0].size == 0:
         return out
+    # label only the box around all lesion voxels (plus the 3-voxel margin each lesion gets below): the same
+    # components as labelling the whole volume, in a fraction of the time on a 512 x 512 series
+    lo = [max(int(a.min()) - 3, 0) for a in kji]
+    hi = [min(int(a.max()) + 4, n) for a, n in zip(kji, mask.shape, strict=True)]
+    crop = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    comps, _ = ndimage.label(mask[crop], structure=np.ones((3, 3, 3), dtype=bool))
     boxes = ndimage.find_objects(comps)
     sz, sy, sx = volume.spacing_kji_mm
     voxel_ml = sz * sy * sx / 1000.0
     for idx, box in enumerate(boxes, start=1):
         if box is None:
             continue
-        pad = tuple(slice(max(s.start - 3, 0), s.stop + 3) for s in box)
-        comp = comps[pad] == idx
+        local = tuple(slice(max(s.start - 3, 0), s.stop + 3) for s in box)
+        pad = tuple(slice(a + s.start, a + s.stop) for a, s in zip(lo, local, strict=True))
+        comp = comps[local] == idx
         count = int(comp.sum())
         if count * voxel_ml < keep.min_volume_ml:
             continue

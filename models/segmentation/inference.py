@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -77,6 +77,7 @@ TTA_FLIPS: dict[str, tuple[int, ...]] = {"lr": (2,), "ap": (1,), "lr+ap": (1, 2)
 _FINER = 0.75  # an axis is resampled when its spacing is under this fraction of the working spacing
 _CANDIDATE_MARGIN = -0.5  # working-grid voxels with lesion - best other class above this are refined
 _BOX_PAD = 2  # working-grid voxels around each candidate box (the trilinear support and a margin)
+_T = TypeVar("_T", bound=np.generic)
 
 
 def parse_flips(names: Sequence[str]) -> tuple[str, ...]:
@@ -317,15 +318,25 @@ def _nearest_index(n_native: int, n_work: int) -> npt.NDArray[np.intp]:
     return index
 
 
+def _take_nearest(work: npt.NDArray[_T], index: list[npt.NDArray[np.intp]]) -> npt.NDArray[_T]:
+    """``work[np.ix_(*index)]``, one axis at a time (an axis whose index is the identity is not copied):
+    a third of the time of the three-axis fancy index on a 512 series."""
+    out = work
+    for axis, idx in enumerate(index):
+        if idx.shape[0] != out.shape[axis] or np.any(idx != np.arange(idx.shape[0])):
+            out = np.take(out, idx, axis=axis)
+    return out if out is not work else out.copy()
+
+
 def _to_native(prob: npt.NDArray[np.float32], native: tuple[int, int, int]) -> Segmentation:
     lesion = LabelId.LESION
     others = np.delete(prob, lesion, axis=0)
     organ_ids = np.array([c for c in range(prob.shape[0]) if c != lesion], dtype=np.uint8)
     best_other = others.max(axis=0)
     organ = organ_ids[others.argmax(axis=0)]
-    kk, jj, ii = (_nearest_index(n, w) for n, w in zip(native, prob.shape[1:], strict=True))
-    labels = organ[np.ix_(kk, jj, ii)]
-    lesion_prob = prob[lesion][np.ix_(kk, jj, ii)].astype(np.float32)
+    index = [_nearest_index(n, w) for n, w in zip(native, prob.shape[1:], strict=True)]
+    labels = _take_nearest(organ, index)
+    lesion_prob = _take_nearest(prob[lesion].astype(np.float32, copy=False), index)
     margin = prob[lesion] - best_other
     candidates, n = ndimage.label(margin > _CANDIDATE_MARGIN)
     for box in ndimage.find_objects(candidates) if n else []:

@@ -2,6 +2,9 @@
 
     python -m models.segmentation.train --cohort data/train --out models/weights --minutes 20
 
+``--leave-out ATTRIBUTE=VALUE`` (repeatable) trains without the patients whose ``patient.json`` has that value
+(e.g. ``body_size=large``): the subgroup audit's demonstration model (``models/weights/subgroup_demo``).
+
 Writes ``segmenter.pt`` (weights + network config + preprocessing id), ``train_config.json`` and
 ``train_log.jsonl``; a checkpoint (``checkpoint.pt``: model, optimizer, step, RNG states) is saved
 every ``--save-every`` steps, and a rerun with the same ``--out`` resumes from it. Training stops at
@@ -28,9 +31,32 @@ from models.segmentation.network import NetConfig, build_network, encode_hu
 PATCH = (48, 96, 96)
 
 
-def _load_cases(cohort: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+def _leave_out(specs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"--leave-out {spec!r}: expected ATTRIBUTE=VALUE, e.g. body_size=large")
+        out[key] = value
+    return out
+
+
+def _patients(cohort: Path, leave_out: dict[str, str]) -> list[Path]:
+    """The cohort's patient folders, less those whose patient.json matches any ``leave_out`` attribute."""
+    kept = []
+    for folder in sorted(p.parent for p in cohort.glob("*/patient.json")):
+        meta = json.loads((folder / "patient.json").read_text())
+        unknown = [k for k in leave_out if k not in meta]
+        if unknown:
+            raise SystemExit(f"--leave-out: {folder.name}/patient.json has no attribute {unknown[0]!r}")
+        if not any(str(meta[k]) == v for k, v in leave_out.items()):
+            kept.append(folder)
+    return kept
+
+
+def _load_cases(patients: list[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
     cases = []
-    for tp_dir in sorted(cohort.glob("*/t*")):
+    for tp_dir in (t for p in patients for t in sorted(p.glob("t*"))):
         if not (tp_dir / "dicom").is_dir():
             continue
         vol = load_study(tp_dir / "dicom")
@@ -79,7 +105,18 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument(
+        "--leave-out",
+        action="append",
+        default=[],
+        metavar="ATTRIBUTE=VALUE",
+        help="train without these patients",
+    )
     args = ap.parse_args()
+    leave_out = _leave_out(args.leave_out)
+    patients = _patients(args.cohort, leave_out)
+    if not patients:
+        raise SystemExit(f"no patients left in {args.cohort} after --leave-out {leave_out}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +134,9 @@ def main() -> None:
         "sampling": "60% lesion-centred, 15% liver-centred, 25% uniform",
         "encoding": "encode_hu/v1",
     }
+    if leave_out:
+        config["left_out"] = leave_out
+        config["patients_used"] = [p.name for p in patients]
     cfg_path = args.out / "train_config.json"
     runs = json.loads(cfg_path.read_text()).get("runs", []) if cfg_path.exists() else []
     runs.append(
@@ -125,7 +165,7 @@ def main() -> None:
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
     t_load = time.time()
-    cases = _load_cases(args.cohort)
+    cases = _load_cases(patients)
     print(f"{len(cases)} volumes loaded in {time.time() - t_load:.0f} s", flush=True)
     t0 = time.time()
     log = (args.out / "train_log.jsonl").open("a")

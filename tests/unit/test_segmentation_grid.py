@@ -59,6 +59,22 @@ def test_native_lesion_edge_is_interpolated_not_blocky():
     assert np.mean(fine_err) < np.mean(blocky_err), (fine_err, blocky_err)
 
 
+def test_organs_come_back_from_the_nearest_working_voxel_on_every_resampled_axis():
+    rng = np.random.default_rng(3)
+    work, native = (6, 7, 9), (12, 20, 9)  # k and j resampled, i kept
+    prob = rng.random((4, *work), dtype=np.float32)
+    prob[LabelId.LESION] = 0.0  # no lesion candidate: organs and probabilities only
+    prob /= prob.sum(axis=0, keepdims=True)
+    seg = _to_native(prob, native)
+    nearest = [
+        np.clip(np.rint((np.arange(n) + 0.5) * w / n - 0.5), 0, w - 1).astype(int)
+        for n, w in zip(native, work, strict=True)
+    ]
+    expected = np.argmax(prob, axis=0)[np.ix_(*nearest)]
+    assert np.array_equal(seg.labels, expected)
+    assert np.array_equal(seg.lesion_probability, prob[LabelId.LESION][np.ix_(*nearest)])
+
+
 class _Counting:
     model_version = "seg-v1"
 

@@ -1,0 +1,115 @@
+"""The two measured processes on Interval's side, each run alone in its own subprocess by ``bench.py``:
+
+    python -m benchmarks.imaging.paths interval SERIES_DIR OUT_DIR REPORT.json
+    python -m benchmarks.imaging.paths floor SERIES_DIR OUT_DIR REPORT.json
+
+``interval``: the production imaging path, as ``interval analyze`` and the workers run it: ``analyze_study``
+(``FolderImageSource`` -> ``load_study``; ``MonaiSegmenter.segment`` on the working grid; ``extract_lesions``;
+no priors, so a baseline with deterministic wording) and ``write_lesion_seg`` (one segment per lesion) with the
+series' headers read as ``workers.analysis.source_headers`` reads them. The timed span, ``series_to_seg_s``,
+starts before the model is loaded and ends when the SEG is on disk (the SDK's ``app.run()`` also loads its model).
+
+``floor``: the model's sliding-window inference alone, on the series already loaded, area-averaged to the working
+grid and encoded (none of that timed), with Interval's ROI, overlap, Gaussian blending and windows per call.
+
+Torch runs on 1 thread in both. Each writes its timings to REPORT.json; the parent measures wall time and peak RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+T_START = time.perf_counter()
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from monai.inferers.utils import sliding_window_inference  # noqa: E402
+
+from adapters.dicom_seg import write_lesion_seg  # noqa: E402
+from adapters.dicom_series import load_study, scan_folder  # noqa: E402
+from adapters.image_folder import FolderImageSource  # noqa: E402
+from adapters.prior_bundle import NoPriors  # noqa: E402
+from core.pipeline import analyze_study  # noqa: E402
+from models.segmentation.inference import OVERLAP, ROI_KJI, MonaiSegmenter, working_shape  # noqa: E402
+from models.segmentation.network import encode_hu  # noqa: E402
+
+torch.set_num_threads(1)
+T_IMPORTED = time.perf_counter()
+
+
+def interval(series: Path, out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    segmenter = MonaiSegmenter()
+    t_model = time.perf_counter()
+    result = analyze_study(str(series), images=FolderImageSource(), priors=NoPriors(), segmenter=segmenter)
+    t_analyzed = time.perf_counter()
+    headers = [ds for _, ds in scan_folder(series).series[result.acquisition.series_uid]]
+    seg_path = write_lesion_seg(result, headers, out / "seg.dcm")
+    t1 = time.perf_counter()
+    return {
+        "series_to_seg_s": round(t1 - t0, 3),
+        "model_load_s": round(t_model - t0, 3),
+        "steps_s": result.step_seconds,
+        "write_seg_s": round(t1 - t_analyzed, 3),
+        "lesions": sum(t.detected is not None for t in result.lesions),
+        "volume_kji": list(result.volume_shape),
+        "working_kji": list(working_shape(result.volume_shape, result.spacing_kji_mm)),
+        "seg_files": [seg_path.name],
+        "seg_bytes": seg_path.stat().st_size,
+    }
+
+
+@torch.inference_mode()
+def floor(series: Path) -> dict[str, Any]:
+    segmenter = MonaiSegmenter()
+    volume = load_study(series)
+    hu = torch.from_numpy(np.ascontiguousarray(volume.voxels_hu, dtype=np.float32))
+    shape = working_shape(volume.shape, volume.spacing_kji_mm)
+    if shape != volume.shape:
+        hu = F.interpolate(hu[None, None], size=shape, mode="area")[0, 0]
+    x = torch.from_numpy(encode_hu(hu.numpy()))[None]
+    t0 = time.perf_counter()
+    logits = sliding_window_inference(
+        x,
+        roi_size=ROI_KJI,
+        sw_batch_size=segmenter.sw_batch_size,
+        predictor=segmenter.net,
+        overlap=OVERLAP,
+        mode="gaussian",
+    )
+    t1 = time.perf_counter()
+    assert isinstance(logits, torch.Tensor)
+    return {
+        "sliding_window_s": round(t1 - t0, 3),
+        "working_kji": list(shape),
+        "logits_shape": list(logits.shape),
+    }
+
+
+def main() -> None:
+    kind, series, out, report = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    out.mkdir(parents=True, exist_ok=True)
+    if kind == "interval":
+        figures = interval(series, out)
+    elif kind == "floor":
+        figures = floor(series)
+    else:
+        raise SystemExit(f"unknown path {kind!r}: expected 'interval' or 'floor'")
+    figures |= {
+        "import_s": round(T_IMPORTED - T_START, 3),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    report.write_text(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
