@@ -28,6 +28,7 @@ from scipy import ndimage
 from adapters import fhir_codes as C
 from adapters.dicom_sr import sr_tracking_uid
 from core.errors import AnalysisError
+from core.lesions import label_lesions
 from core.pipeline import StudyResult
 from core.types import LabelId, lps_to_kji
 
@@ -35,7 +36,6 @@ __all__ = ["lesion_instances", "write_lesion_seg"]
 
 _NS = uuid.UUID("3f9a6c1e-0b7d-4e55-8c1a-2d4e6f8a9b10")
 _MANUFACTURER = "Interval"
-_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
 def lesion_instances(result: StudyResult) -> dict[str, np.ndarray]:
@@ -50,7 +50,7 @@ def _track_components(result: StudyResult) -> tuple[np.ndarray, dict[str, int]]:
     seg = result.segmentation
     if seg is None:
         raise AnalysisError("the result holds no segmentation; a SEG cannot be written")
-    components, n = ndimage.label(seg.labels == int(LabelId.LESION), structure=_CONNECTIVITY)
+    components, n = label_lesions(seg.labels == int(LabelId.LESION))
     chosen: dict[str, int] = {}
     if n == 0:
         return components, chosen

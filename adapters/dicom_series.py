@@ -272,7 +272,9 @@ def _pixels(
                 )
                 continue
             image = stored.astype(np.float32)
-            if f.rescale_slope != 1.0:  # float64 arithmetic only where a slope needs it (the common case has none)
+            if (
+                f.rescale_slope != 1.0
+            ):  # float64 arithmetic only where a slope needs it (the common case has none)
                 image = (stored.astype(np.float64) * f.rescale_slope).astype(np.float32)
             if f.rescale_intercept != 0.0:
                 image += np.float32(f.rescale_intercept)

@@ -6,12 +6,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import numpy.typing as npt
 from scipy import ndimage
 
 from core.geometry import measure_mask
 from core.types import DetectedLesion, LabelId, Organ, Segmentation, Volume
 
-__all__ = ["LesionFilter", "extract_lesions", "guided_search", "laterality_of"]
+__all__ = [
+    "CONNECTIVITY",
+    "LesionFilter",
+    "extract_lesions",
+    "guided_search",
+    "label_lesions",
+    "laterality_of",
+    "mask_box",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,21 +85,44 @@ def _place(
     )
 
 
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # lesion voxels touching by a face, edge or corner: one lesion
+
+
+def mask_box(mask: npt.NDArray[np.bool_], margin: int = 0) -> tuple[slice, ...] | None:
+    """The bounding box of ``mask``'s voxels widened by ``margin`` voxels (within the array); None when empty."""
+    where = np.unravel_index(np.flatnonzero(mask), mask.shape)
+    if where[0].size == 0:
+        return None
+    return tuple(
+        slice(max(int(a.min()) - margin, 0), min(int(a.max()) + 1 + margin, n))
+        for a, n in zip(where, mask.shape, strict=True)
+    )
+
+
+def label_lesions(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int32], int]:
+    """``ndimage.label(mask, CONNECTIVITY)``, labelled inside the mask's bounding box only."""
+    components = np.zeros(mask.shape, dtype=np.int32)
+    box = mask_box(mask)
+    if box is None:
+        return components, 0
+    inside, n = ndimage.label(mask[box], structure=CONNECTIVITY, output=np.int32)
+    components[box] = inside
+    return components, int(n)
+
+
 def extract_lesions(
     volume: Volume, seg: Segmentation, keep: LesionFilter = LesionFilter()
 ) -> list[DetectedLesion]:
     """Connected lesion components that pass ``keep``, measured and placed, largest first."""
     mask = seg.labels == LabelId.LESION
     out: list[DetectedLesion] = []
-    kji = np.unravel_index(np.flatnonzero(mask), mask.shape)
-    if kji[0].size == 0:
-        return out
     # label only the box around all lesion voxels (plus the 3-voxel margin each lesion gets below): the same
     # components as labelling the whole volume, in a fraction of the time on a 512 x 512 series
-    lo = [max(int(a.min()) - 3, 0) for a in kji]
-    hi = [min(int(a.max()) + 4, n) for a, n in zip(kji, mask.shape, strict=True)]
-    crop = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    comps, _ = ndimage.label(mask[crop], structure=np.ones((3, 3, 3), dtype=bool))
+    crop = mask_box(mask, margin=3)
+    if crop is None:
+        return out
+    lo = [s.start for s in crop]
+    comps, _ = ndimage.label(mask[crop], structure=CONNECTIVITY)
     boxes = ndimage.find_objects(comps)
     sz, sy, sx = volume.spacing_kji_mm
     voxel_ml = sz * sy * sx / 1000.0
