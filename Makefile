@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test check lint types pytest unit weights eval validate drafter clean
+.PHONY: setup demo test check lint types pytest unit weights eval validate audit-demo drafter clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,22 @@ validate: setup
 		--unseen-before $(V)/unseen_uih.json --unseen-after $(V)/unseen_uih_calibrated.json --audit $(V)/audit_held_out.json
 
 # Reproduce the committed report-drafter adapter (LoRA on SmolLM2-135M; ~40 min of CPU) and its metrics.
+# The subgroup audit's demonstration: the same recipe trained without large patients, then both models audited
+# on one cohort of seen-vendor patients (~50 min of CPU; the training resumes if interrupted).
+D := models/weights/subgroup_demo
+AUDIT_COHORT := --seed 7070 --vendors ge,siemens,philips,canon --min-time-points 2 --max-time-points 2
+audit-demo: setup
+	test -d data/train || $(PY) -m fixtures.synth data/train 28 --seed 101
+	test -d data/audit || { $(PY) -m fixtures.synth data/audit 24 $(AUDIT_COHORT) && \
+		$(PY) -m fixtures.synth data/audit 24 --start 24 $(AUDIT_COHORT); }
+	OMP_NUM_THREADS=1 $(PY) -m models.segmentation.train --cohort data/train --out $(D) --steps 3000 --minutes 60 \
+		--leave-out body_size=large
+	OMP_NUM_THREADS=1 INTERVAL_SEGMENTER_WEIGHTS=$(D)/segmenter.pt $(VENV)/bin/interval validate data/audit \
+		--no-calibrated --out $(D)/validation_left_out.json
+	$(VENV)/bin/interval audit data/audit --records $(D)/validation_left_out.json --out $(D)/audit_left_out.json
+	OMP_NUM_THREADS=1 $(VENV)/bin/interval validate data/audit --no-calibrated --out $(D)/validation_shipped.json
+	$(VENV)/bin/interval audit data/audit --records $(D)/validation_shipped.json --out $(D)/audit_shipped.json
+
 drafter: setup
 	OMP_NUM_THREADS=1 $(PY) -m models.drafter.train --out models/weights/drafter-lora --steps 140 --minutes 90
 	OMP_NUM_THREADS=1 $(PY) -m models.drafter.evaluate --n 200 --out models/weights/drafter-lora/metrics.json

@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from benchmarks.machine import machine
 from core.types import LabelId
 
 HERE = Path(__file__).resolve().parent
@@ -289,24 +289,6 @@ def bench_size(size: Size, data: Path, work: Path, venv: Path, model_ts: Path) -
             "interval_vs_truth": dice(interval_mask, truth),
             "sdk_vs_truth": dice(sdk_mask, truth),
         },
-    }
-
-
-def machine() -> dict[str, Any]:
-    ps = subprocess.run(
-        ["ps", "-eo", "pid=,pcpu=,args=", "--sort=-pcpu"], capture_output=True, text=True
-    ).stdout.splitlines()
-    busy = []
-    for line in ps[:6]:
-        pid, cpu, args = line.split(None, 2)
-        if int(pid) != os.getpid() and float(cpu) >= 20:
-            busy.append(f"{float(cpu):.0f}% {args[:90]}")
-    return {
-        "cpus": os.cpu_count(),
-        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "torch_threads_per_process": 1,
-        "other_busy_processes_at_start": busy,
     }
 
 

@@ -26,7 +26,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -49,6 +48,7 @@ import uvicorn
 from adapters.dicomweb import DicomWebClient
 from adapters.resource_store import ResourceStore
 from adapters.settings import Settings
+from benchmarks.machine import machine
 from fixtures.ehr import seed
 from fixtures.services import (
     REPO_ROOT,
@@ -443,25 +443,6 @@ def running_services(work: Path) -> Iterator[Services]:
         DicomWebClient(orthanc.dicomweb_url, timeout=120, retries=2) as pacs,
     ):
         yield Services(orthanc, rds, pg, ehr, pacs, work)
-
-
-def machine() -> dict[str, Any]:
-    """The machine, and what else was using its CPUs when the benchmark started (shared machines)."""
-    ps = subprocess.run(
-        ["ps", "-eo", "pid=,pcpu=,args=", "--sort=-pcpu"], capture_output=True, text=True
-    ).stdout.splitlines()
-    busy = []
-    for line in ps[:6]:
-        pid, cpu, args = line.split(None, 2)
-        if int(pid) != os.getpid() and float(cpu) >= 20:
-            busy.append(f"{float(cpu):.0f}% {args[:90]}")
-    return {
-        "cpus": os.cpu_count(),
-        "load_average_1m_at_start": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "torch_threads_per_process": 1,
-        "other_busy_processes_at_start": busy,
-    }
 
 
 def lesions(run: Run, task: dict[str, Any]) -> int:
