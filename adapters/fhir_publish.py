@@ -56,6 +56,8 @@ __all__ = [
     "SITE_EXTENSION",
     "PublishedReport",
     "ai_not_used_bundle",
+    "model_device",
+    "model_device_entry",
     "publish_report",
     "report_bundle",
     "report_identifier",
@@ -116,6 +118,22 @@ def _conditional(full_url: str, resource: dict[str, Any], system: str, value: st
     }
 
 
+def model_device(model_version: str) -> dict[str, Any]:
+    """The model as a FHIR ``Device``: one per model version, found by ``MODEL_ID_SYSTEM|<version>``."""
+    return {
+        "resourceType": "Device",
+        "identifier": [{"system": MODEL_ID_SYSTEM, "value": model_version}],
+        "deviceName": [{"name": "Interval lesion segmentation and RECIST", "type": "model-name"}],
+        "version": [{"value": model_version}],
+        "type": _cc(C.SNOMED, "706689003", "Application program software"),
+    }
+
+
+def model_device_entry(full_url: str, model_version: str) -> dict[str, Any]:
+    """The transaction entry that creates the model's Device unless one with its version exists."""
+    return _conditional(full_url, model_device(model_version), MODEL_ID_SYSTEM, model_version)
+
+
 def report_bundle(
     result: StudyResult,
     *,
@@ -136,14 +154,7 @@ def report_bundle(
     entries: list[dict[str, Any]] = []
 
     device_url = _urn("Device", version)
-    device = {
-        "resourceType": "Device",
-        "identifier": [{"system": MODEL_ID_SYSTEM, "value": version}],
-        "deviceName": [{"name": "Interval lesion segmentation and RECIST", "type": "model-name"}],
-        "version": [{"value": version}],
-        "type": _cc(C.SNOMED, "706689003", "Application program software"),
-    }
-    entries.append(_conditional(device_url, device, MODEL_ID_SYSTEM, version))
+    entries.append(model_device_entry(device_url, version))
 
     study_url = _urn("ImagingStudy", acq.study_uid)
     entries.append(_study_entry(study_url, acq, {"reference": patient_ref}, site_ext))

@@ -140,6 +140,21 @@ SEARCH_PARAMS: dict[str, tuple[SearchParam, ...]] = {
             default_target="Patient",
         ),
     ),
+    "DocumentReference": (
+        _IDENTIFIER,
+        _status("current, superseded"),
+        SearchParam(
+            "type",
+            "token",
+            "DocumentReference.type, as system|code or code "
+            "(http://interval.local/fhir/CodeSystem/document-type|model-card: the model card).",
+        ),
+        SearchParam("category", "token", "DocumentReference.category, as system|code or code."),
+        SearchParam(
+            "subject", "reference", "What the document is about (DocumentReference.subject), as Device/id."
+        ),
+        SearchParam("date", "date", "DocumentReference.date with prefix eq, ge, gt, le or lt."),
+    ),
     "AuditEvent": (
         SearchParam(
             "entity",
@@ -234,6 +249,12 @@ def extract(resource: dict[str, Any]) -> Extracted:
     elif rtype == "Provenance":
         refs("target", resource.get("target"))
         date = _date_of(resource.get("recorded"))
+    elif rtype == "DocumentReference":
+        codes("type", resource.get("type"))
+        for concept in _as_list(resource.get("category")):
+            codes("category", concept)
+        refs("subject", resource.get("subject"))
+        date = _date_of(resource.get("date"))
     elif rtype == "AuditEvent":
         whats = [e.get("what") for e in _as_list(resource.get("entity")) if isinstance(e, dict)]
         refs("entity", whats, patient=True, by_identifier=True)

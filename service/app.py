@@ -7,8 +7,9 @@ the store or the runner, and map results: the work happens in ``adapters.resourc
 
 Interactions (``service.capability.SERVED``): Task create/read/vread/search (create is idempotent per
 StudyInstanceUID + model version); DiagnosticReport read/vread/search/update (If-Match required);
-Observation, BodyStructure, Provenance and AuditEvent read/vread/search. ``GET /fhir/metadata`` needs no
-token; everything else needs a bearer JWT with the SMART scope of the interaction (``service.auth``).
+Observation, BodyStructure, Provenance, AuditEvent and DocumentReference (the model card)
+read/vread/search. ``GET /fhir/metadata`` needs no token; everything else needs a bearer JWT with the SMART
+scope of the interaction (``service.auth``).
 
 Human oversight (``service.signoff``): an update that makes a report ``final``/``amended`` or changes a signed
 one needs a radiologist's user-level token (403 otherwise) and every AI finding reviewed (422 otherwise); every
@@ -42,6 +43,13 @@ from starlette.routing import Match, Route
 from adapters.ai_switch import AiSwitchStore
 from adapters.evidence import report_text
 from adapters.fhir_audit import audit_event, report_entities
+from adapters.fhir_model_card import (
+    DOCUMENT_TYPE_SYSTEM,
+    MODEL_CARD,
+    MissingModelCard,
+    ModelCard,
+    publish_model_card,
+)
 from adapters.fhir_priors import REQUIRED_STATUS
 from adapters.fhir_search import COMMON_PARAMS, SEARCH_PARAMS, Query, parse_query
 from adapters.fhir_validation import (
@@ -125,11 +133,13 @@ def create_app(
     analyzer: Analyzer | None = None,
     users: UserStore | None = None,
     switches: AiSwitchStore | None = None,
+    model_card: ModelCard | MissingModelCard | None = None,
 ) -> FastAPI:
     """The FHIR API and the web pages. Without ``store`` it opens ``settings.database_url``; without
     ``runner`` it runs ``analyzer`` in-process (and, with no analyzer either, records every Task as failed,
     saying why); without ``users`` the web accounts, and without ``switches`` the AI switch, live in the
-    store's database."""
+    store's database. ``model_card`` is the card of the model the settings choose (``workers.serve`` finds it):
+    shown at ``/model-card`` and published to the store as a DocumentReference when the app starts."""
     settings = settings if settings is not None else Settings()
     store = store if store is not None else ResourceStore(settings.database_url)
     owns_switches = switches is None
@@ -144,6 +154,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if isinstance(model_card, ModelCard):
+            try:
+                app.state.model_card_published = await run_in_threadpool(
+                    publish_model_card, store, model_card
+                )
+            except IntervalError as exc:  # the API still serves; the page says the card is not in the store
+                log.error("the model card of %s was not published: %s", model_card.model_version, exc)
         if owns_runner:
             resumed = await run_in_threadpool(resume_pending, store, task_runner)
             if resumed:
@@ -169,6 +186,8 @@ def create_app(
     app.state.store = store
     app.state.runner = task_runner
     app.state.switches = ai_switches
+    app.state.model_card = model_card
+    app.state.model_card_published = None
     app.state.token_verifier = TokenVerifier.from_settings(settings)
     _install_error_handlers(app)
 
@@ -426,7 +445,16 @@ def _new_task(body: dict[str, Any], key: str) -> dict[str, Any]:
 def _visible(web: WebPages, client: Client, resource: dict[str, Any]) -> bool:
     """Whether the caller may see ``resource``: a system client sees everything it has the scope for; a person
     (a user-level token) only what their sites may read (``User.can_read_site``), as on the web pages."""
+    if _is_model_card(resource):  # the model's documentation: no site, no patient
+        return True
     return client.user is None or client.user.can_read_site(web.site_of(resource))
+
+
+def _is_model_card(resource: dict[str, Any]) -> bool:
+    codings = (resource.get("type") or {}).get("coding") or []
+    return resource.get("resourceType") == "DocumentReference" and any(
+        c.get("system") == DOCUMENT_TYPE_SYSTEM and c.get("code") == MODEL_CARD for c in codings
+    )
 
 
 def _not_found(rtype: str, rid: str) -> str:

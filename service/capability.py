@@ -45,6 +45,12 @@ SERVED: tuple[Served, ...] = (
     ),
     Served("Provenance", _READ, "Which model (and which radiologist) produced a report."),
     Served(
+        "DocumentReference",
+        _READ,
+        "The segmentation model's card and instructions for use (type model-card), one per model version and card "
+        "text, the model's Device as subject; a newer card supersedes the previous one. Written by Interval only.",
+    ),
+    Served(
         "AuditEvent",
         _READ,
         "The audit trail (EU AI Act Art 12): every AI output, report view, edit, finding verdict, signature and "

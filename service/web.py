@@ -12,6 +12,7 @@ The pages, by what they own:
   sending a signature again.
 - ``service.web_patients``: ``/patients/{id}``, the clinician's read-only summary and course chart.
 - ``service.ai_switch``: ``/admin/ai``, where admins switch AI off (and on) per site, with a reason.
+- ``service.web_model_card``: ``/model-card``, the card and instructions for use of the model in use (everyone).
 - ``service.web_context``: what they share (``WebPages``: stores, images, templates, caches; the reports).
 - ``service.web_ehr``: the EHR as the pages see it (a patient's history, sending a signature).
 
@@ -34,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from adapters.fhir_publish import EHR_REPORT_SYSTEM
 from adapters.resource_store import ResourceStore
 from adapters.settings import Settings
-from service import ai_switch, web_patients, web_review, web_session
+from service import ai_switch, web_model_card, web_patients, web_review, web_session
 from service.users import UserStore
 from service.web_context import HERE, LoginRequired, PageError, StudyImages, WebPages
 from service.web_ehr import USER_SYSTEM
@@ -47,6 +48,7 @@ router.include_router(web_session.router)
 router.include_router(web_review.router)
 router.include_router(web_patients.router)
 router.include_router(ai_switch.page_router)
+router.include_router(web_model_card.router)
 
 
 def mount_web(

@@ -277,12 +277,15 @@ class CeleryRunner:
 def api_from_env() -> FastAPI:
     """The FHIR API whose Tasks are analysed by the Celery workers (no model in this process):
     ``uvicorn workers.celery_app:api_from_env --factory``."""
+    from models.segmentation.model_card import (
+        card_for_settings,
+    )  # no torch: reads the card and the model's files
     from service.app import create_app
 
     settings = Settings()
     store = ResourceStore(settings.database_url)
     runner = CeleryRunner(store, create_celery(settings), api_model_version(settings))
-    return create_app(settings, store=store, runner=runner)
+    return create_app(settings, store=store, runner=runner, model_card=card_for_settings(settings))
 
 
 app = create_celery(Settings())

@@ -102,12 +102,13 @@ def build_drafter(settings: Settings) -> ReportDrafter | None:
 
 def app_from_env() -> FastAPI:
     """The API: with ``INTERVAL_PIPELINE=celery`` Tasks go to the workers (no model in this process),
-    otherwise they are analysed in-process."""
+    otherwise they are analysed in-process. Either way it shows and publishes the configured model's card."""
     settings = Settings()
     if settings.pipeline == "celery":
         from workers.celery_app import api_from_env
 
         return api_from_env()
+    from models.segmentation.model_card import card_for_settings
     from service.app import create_app
 
-    return create_app(settings, analyzer=build_analyzer(settings))
+    return create_app(settings, analyzer=build_analyzer(settings), model_card=card_for_settings(settings))

@@ -3,6 +3,10 @@
     python -m models.segmentation.model_card --validation models/weights/validation.json \
         --calibration models/weights/calibration_uih.json --out models/MODEL_CARD.md
 
+``card_for_settings`` finds the card of the model the settings choose (the committed ``models/MODEL_CARD.md``
+when its title names that model's version; none for a user's own model), without loading the model: the API
+shows it at ``/model-card`` and publishes it as a FHIR DocumentReference (``adapters.fhir_model_card``).
+
 Sources: ``train_config.json`` (data recipe, network, training), a validation JSON written by
 ``interval validate`` (per vendor and group), optionally the unseen vendor's validation before and after
 ``interval calibrate``, the longitudinal figures (``tracking_model.json``) and a subgroup audit JSON when one
@@ -14,14 +18,67 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from adapters.fhir_model_card import MissingModelCard, ModelCard
+from adapters.settings import Settings
+from core.errors import ModelError
+from models.segmentation.contract import source_from_settings
 from models.segmentation.validation import TARGETS
 
-__all__ = ["render_model_card"]
+__all__ = ["CARD", "card_for_settings", "card_version", "render_model_card"]
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+CARD = WEIGHTS.parent / "MODEL_CARD.md"
+_TITLE = re.compile(r"# Model card: Interval lesion segmenter `([^`]+)`")
+_GENERATE = "generate it from this model's validation (python -m models.segmentation.model_card, see models/MODEL_CARD.md)"
+
+
+def card_version(markdown: str) -> str | None:
+    """The model version a card's title names (``render_model_card`` writes it), or None."""
+    match = _TITLE.match(markdown.lstrip())
+    return match.group(1) if match else None
+
+
+def card_for_settings(settings: Settings, card: Path = CARD) -> ModelCard | MissingModelCard:
+    """The card of the model the settings choose (``source_from_settings``, as the workers' segmenter), or why
+    there is none. Reads the model's files to name its version; loads no model (no torch)."""
+    if settings.test_segmenter is not None:
+        return MissingModelCard(
+            None,
+            "the synthetic cohort's ground truth",
+            "a test hook replaces the model: there is no model card",
+        )
+    try:
+        source = source_from_settings(settings)
+        model, version = source.describe(), source.version()
+    except (OSError, ModelError) as exc:
+        why = exc if isinstance(exc, ModelError) else type(exc).__name__
+        return MissingModelCard(None, "the configured model", f"the model could not be read ({why})")
+    if source.kind != "builtin":
+        return MissingModelCard(
+            version,
+            model,
+            "this is your own model (INTERVAL_SEGMENTER_KIND="
+            f"{source.kind}): Interval has a card for its built-in model only, and that card does not describe "
+            "this one. Measure it on labelled studies of your sites (interval validate, interval audit) and keep "
+            "its own documentation before clinical use.",
+        )
+    try:
+        text = card.read_text(encoding="utf-8")
+    except OSError:
+        return MissingModelCard(version, model, f"{card.name} is missing: {_GENERATE}")
+    described = card_version(text)
+    if described != version:
+        return MissingModelCard(
+            version,
+            model,
+            f"{card.name} describes the model {described or '(no version in its title)'}, not these weights: "
+            f"{_GENERATE}",
+        )
+    return ModelCard(version, text, model)
 
 
 def _pct(v: float | None) -> str:

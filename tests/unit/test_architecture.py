@@ -59,6 +59,7 @@ ALLOWED = {
         "jwt",
         "sqlalchemy",  # service.users: accounts and sessions in the store's database
         "argon2",  # password hashing
+        "markdown_it",  # the model card page (raw HTML off)
     },
     # fixtures also start the real services the integration tests talk to
     "fixtures": {

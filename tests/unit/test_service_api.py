@@ -190,7 +190,13 @@ def test_metadata_is_an_r4_capability_statement_listing_what_is_served(client: T
         "BodyStructure",
         "Provenance",
         "AuditEvent",
+        "DocumentReference",
     }
+    assert served["DocumentReference"] == {
+        "read",
+        "vread",
+        "search-type",
+    }  # the model card, written by Interval
     assert served["AuditEvent"] == {"read", "vread", "search-type"}  # written by Interval only
     audit = next(r for r in rest.resource if r.type == "AuditEvent")
     assert {"entity", "agent", "date", "subtype", "patient"} <= {p.name for p in audit.searchParam}
