@@ -53,6 +53,9 @@ eval: setup
 # Per-vendor validation, calibration, unseen-vendor check, subgroup audit and the model card (~40 min of CPU).
 V := models/weights/validation
 C := models/weights/calibrations
+MODEL_CARD = $(PY) -m models.segmentation.model_card --validation $(V)/held_out.json \
+	--calibrated $(V)/held_out_calibrated.json --unseen-before $(V)/unseen_uih.json \
+	--unseen-after $(V)/unseen_uih_calibrated.json --audit $(V)/audit_held_out.json --audit-demo $(D)
 validate: setup
 	$(PY) -m fixtures.synth data/test 10 --seed 909 --vendors ge,siemens,philips,canon,uih
 	$(PY) -m fixtures.synth data/calib 15 --seed 5150 --vendors ge,siemens,philips,canon,uih --min-time-points 2 --max-time-points 2
@@ -65,10 +68,8 @@ validate: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/interval calibrate data/calib-uih --out-dir $(C)/uih-site
 	OMP_NUM_THREADS=1 INTERVAL_CALIBRATION_DIR=$(C)/uih-site $(VENV)/bin/interval validate data/test-uih --out $(V)/unseen_uih_calibrated.json
 	$(VENV)/bin/interval audit data/test --records $(V)/held_out.json --out $(V)/audit_held_out.json
-	$(PY) -m models.segmentation.model_card --validation $(V)/held_out.json --calibrated $(V)/held_out_calibrated.json \
-		--unseen-before $(V)/unseen_uih.json --unseen-after $(V)/unseen_uih_calibrated.json --audit $(V)/audit_held_out.json
+	$(MODEL_CARD)
 
-# Reproduce the committed report-drafter adapter (LoRA on SmolLM2-135M; ~40 min of CPU) and its metrics.
 # The subgroup audit's demonstration: the same recipe trained without large patients, then both models audited
 # on one cohort of seen-vendor patients (~50 min of CPU; the training resumes if interrupted).
 D := models/weights/subgroup_demo
@@ -84,7 +85,9 @@ audit-demo: setup
 	$(VENV)/bin/interval audit data/audit --records $(D)/validation_left_out.json --out $(D)/audit_left_out.json
 	OMP_NUM_THREADS=1 $(VENV)/bin/interval validate data/audit --no-calibrated --out $(D)/validation_shipped.json
 	$(VENV)/bin/interval audit data/audit --records $(D)/validation_shipped.json --out $(D)/audit_shipped.json
+	$(MODEL_CARD)
 
+# Reproduce the committed report-drafter adapter (LoRA on SmolLM2-135M; ~40 min of CPU) and its metrics.
 drafter: setup
 	OMP_NUM_THREADS=1 $(PY) -m models.drafter.train --out models/weights/drafter-lora --steps 140 --minutes 90
 	OMP_NUM_THREADS=1 $(PY) -m models.drafter.evaluate --n 200 --out models/weights/drafter-lora/metrics.json

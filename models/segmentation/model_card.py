@@ -103,6 +103,62 @@ def _vendor_rows(validation: dict[str, Any]) -> list[str]:
     return rows
 
 
+_DEMO_METRICS = (
+    ("sensitivity_ge10mm", "sensitivity, lesions >= 10 mm", _pct),
+    ("false_positives_per_study", "FP / study", lambda v: "-" if v is None else f"{v:.2f}"),
+    (
+        "median_abs_diameter_error_mm",
+        "median abs diameter error",
+        lambda v: "-" if v is None else f"{v:.2f} mm",
+    ),
+)
+
+
+def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
+    """Does the audit find a subgroup the model never saw? The same recipe trained without one subgroup, and
+    the shipped model, audited on one cohort: that subgroup's row in each audit."""
+    left_out: dict[str, str] = demo["train_config"]["left_out"]
+    (attribute, value), *_ = left_out.items()
+    used = len(demo["train_config"].get("patients_used", []))
+    total = len(demo["train_config"]["cohort_meta"]["patients"])
+    lines = [
+        "## Audit demonstration: a model trained without one subgroup",
+        "",
+        f"The same recipe (network, steps, seed) trained on {used} of the {total} training patients, without "
+        f"those with {attribute} = {value}, and the shipped model, both without site calibration, on one cohort "
+        f"of {demo['cohort']}; `interval audit` on each. The {attribute} = {value} row of each audit (value, "
+        "95% bootstrap CI over patients, gap to the other patients with its CI):",
+        "",
+        "| model | " + " | ".join(label for _, label, _ in _DEMO_METRICS) + " | flagged |",
+        "|---|" + "---|" * (len(_DEMO_METRICS) + 1),
+    ]
+    for name, result in (("trained without it", demo["left_out_audit"]), ("shipped", demo["shipped_audit"])):
+        row = next(r for r in result["rows"] if r["attribute"] == attribute and r["value"] == value)
+        cells = []
+        for key, _, fmt in _DEMO_METRICS:
+            m = row["metrics"][key]
+            ci = m.get("ci95")
+            gap_ci = m.get("gap_ci95")
+
+            def signed(v: float, fmt: Any = fmt) -> str:
+                return ("+" if v >= 0 else "-") + str(fmt(abs(v)))
+
+            cells.append(
+                f"{fmt(m['value'])}"
+                + (f" [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else "")
+                + (f"; gap {signed(m['gap'])} [{signed(gap_ci[0])}, {signed(gap_ci[1])}]" if gap_ci else "")
+            )
+        flags = ", ".join(row["flags"]) or "no"
+        lines.append(f"| {name} ({result.get('model_version', '')}) | " + " | ".join(cells) + f" | {flags} |")
+    for name, result in (("trained without it", demo["left_out_audit"]), ("shipped", demo["shipped_audit"])):
+        flagged = "; ".join(
+            f"{f['attribute']}={f['value']} ({', '.join(f['metrics'])})" for f in result["flagged"]
+        )
+        lines.append(f"- Everything the audit flagged, model {name}: {flagged or 'nothing'}.")
+    lines.append("")
+    return lines
+
+
 def render_model_card(
     train_config: dict[str, Any],
     validation: dict[str, Any],
@@ -111,6 +167,7 @@ def render_model_card(
     tracking: dict[str, Any] | None = None,
     audit: dict[str, Any] | None = None,
     sources: dict[str, str] | None = None,
+    audit_demo: dict[str, Any] | None = None,
 ) -> str:
     opts = train_config["cohort_meta"]["options"]
     seen = ", ".join(opts["vendors"])
@@ -194,6 +251,8 @@ def render_model_card(
         ]
     if audit is not None:
         lines += ["## Subgroup audit", "", *audit.get("markdown", "").splitlines(), ""]
+    if audit_demo is not None:
+        lines += _audit_demo_lines(audit_demo)
     misses = sorted(
         f"{v} ({', '.join(k for k, ok in r['meets_targets'].items() if not ok)})"
         for v, r in validation["per_vendor"].items()
@@ -222,6 +281,32 @@ def render_model_card(
     return "\n".join(lines)
 
 
+def _read_demo(folder: Path) -> dict[str, Any] | None:
+    files = {
+        "train_config": folder / "train_config.json",
+        "left_out_audit": folder / "audit_left_out.json",
+        "shipped_audit": folder / "audit_shipped.json",
+        "left_out_validation": folder / "validation_left_out.json",
+        "shipped_validation": folder / "validation_shipped.json",
+    }
+    if not all(p.is_file() for p in files.values()):
+        return None
+    demo: dict[str, Any] = {k: json.loads(p.read_text()) for k, p in files.items() if "validation" not in k}
+    cohort = demo["left_out_audit"].get("cohort", "")
+    validations = {
+        key: json.loads((folder / name).read_text())
+        for key, name in (
+            ("left_out_audit", "validation_left_out.json"),
+            ("shipped_audit", "validation_shipped.json"),
+        )
+    }
+    for key, validation in validations.items():
+        demo[key].setdefault("model_version", validation["model_version"])
+    n_patients = len({r["patient"] for r in validations["left_out_audit"]["studies"]})
+    demo["cohort"] = f"{n_patients} generated patients of the seen vendors (`{cohort}`)"
+    return demo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--validation", type=Path, required=True, help="JSON from 'interval validate'")
@@ -230,6 +315,12 @@ def main() -> None:
     ap.add_argument("--calibrated", type=Path, help="the same validation with the site calibrations applied")
     ap.add_argument("--tracking", type=Path, default=WEIGHTS / "tracking_model.json")
     ap.add_argument("--audit", type=Path)
+    ap.add_argument(
+        "--audit-demo",
+        type=Path,
+        default=WEIGHTS / "subgroup_demo",
+        help="the folder 'make audit-demo' writes (a model trained without one subgroup, both audits)",
+    )
     ap.add_argument("--out", type=Path, default=Path("models/MODEL_CARD.md"))
     args = ap.parse_args()
 
@@ -260,6 +351,7 @@ def main() -> None:
         read(args.tracking),
         read(args.audit),
         sources={str(i): os.path.relpath(p) for i, p in enumerate(paths) if p is not None and p.is_file()},
+        audit_demo=_read_demo(args.audit_demo),
     )
     args.out.write_text(card)
     print(f"wrote {args.out}")

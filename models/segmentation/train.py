@@ -224,7 +224,13 @@ def main() -> None:
         if step % args.save_every == 0:
             save()
     save()
-    print(f"stopped at step {step} after {time.time() - t0:.0f} s", flush=True)
+    elapsed = time.time() - t0
+    runs[-1] |= {"stopped_at_step": step, "elapsed_s": round(elapsed), "loaded_volumes": len(cases)}
+    config["hardware"] = (
+        f"torch on {torch.get_num_threads()} CPU thread(s), {os.cpu_count()} cores in the machine"
+    )
+    cfg_path.write_text(json.dumps(config, indent=1))
+    print(f"stopped at step {step} after {elapsed:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

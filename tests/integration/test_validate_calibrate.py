@@ -74,3 +74,33 @@ def test_a_site_calibration_is_fitted_written_and_applied_by_scanner_identity(tm
     audited = _interval("audit", str(held_out), "--records", str(out), "--resamples", "200", cwd=tmp_path)
     assert audited.returncode == 0, audited.stderr[-2000:]
     assert "flagged:" in audited.stdout
+
+
+DEMO = Path(__file__).resolve().parents[2] / "models" / "weights" / "subgroup_demo"
+
+
+def test_the_audit_flags_the_subgroup_a_model_was_trained_without(tmp_path):
+    """``make audit-demo``'s committed per-study records (a model trained without large patients, and the shipped
+    model, validated on one cohort) audited again here by the real CLI: the left-out subgroup is flagged for the
+    model that never saw it, and its gap there is wider than the shipped model's."""
+    left_out = json.loads((DEMO / "train_config.json").read_text())["left_out"]
+    assert left_out == {"body_size": "large"}
+    audits = {}
+    for name in ("left_out", "shipped"):
+        out = tmp_path / f"audit_{name}.json"
+        done = _interval(
+            "audit", "data/audit", "--records", str(DEMO / f"validation_{name}.json"), "--out", str(out),
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        audits[name] = json.loads(out.read_text())
+    flagged = {(f["attribute"], f["value"]): f["metrics"] for f in audits["left_out"]["flagged"]}
+    assert ("body_size", "large") in flagged
+
+    def gap(name: str, metric: str) -> float:
+        row = next(r for r in audits[name]["rows"] if (r["attribute"], r["value"]) == ("body_size", "large"))
+        return float(row["metrics"][metric]["gap"])
+
+    for metric in flagged[("body_size", "large")]:
+        worse = -1.0 if metric.startswith("sensitivity") else 1.0  # a lower sensitivity, a higher FP or error
+        assert worse * gap("left_out", metric) > worse * gap("shipped", metric), metric
