@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fhir.resources.R4B import get_fhir_model_class
 from fhirpy import SyncFHIRClient
 
@@ -29,7 +27,7 @@ from adapters.fhir_client import RetryPolicy
 from adapters.image_folder import FolderImageSource
 from adapters.settings import Settings
 from fixtures.ehr import seed
-from fixtures.services import FhirStandin, Postgres, free_port
+from fixtures.services import FhirStandin, Postgres, free_port, serve_app
 from fixtures.synth.cohort import CohortOptions, PatientTruth, make_patient
 from fixtures.synth.evaluation import TruthSegmenter
 from service.app import create_app
@@ -76,22 +74,8 @@ def api(fhir_server: FhirStandin, postgres_db: Postgres, patient: PatientTruth) 
         segmenter=TruthSegmenter(patient.folder),
         ehr=EhrConnection(fhir_server.base_url, retry=FAST),
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, analyzer=analyzer), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield Api(f"http://127.0.0.1:{port}", mint_token(SECRET, "ehr-1", EHR_SCOPES), patient)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_app(create_app(settings, analyzer=analyzer), port) as url:
+        yield Api(url, mint_token(SECRET, "ehr-1", EHR_SCOPES), patient)
 
 
 def _study_uid(p: PatientTruth, t: int) -> str:

@@ -10,8 +10,6 @@ import base64
 import hashlib
 import json
 import re
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from html.parser import HTMLParser
@@ -21,12 +19,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 
 from adapters.fhir_model_card import DOCUMENT_TYPE_SYSTEM, MODEL_CARD, ModelCard
 from adapters.fhir_publish import MODEL_ID_SYSTEM
 from adapters.settings import Settings
-from fixtures.services import Postgres, free_port
+from fixtures.services import Postgres, serve_app
 from models.segmentation.model_card import card_for_settings
 from service.app import create_app
 from service.auth import mint_token
@@ -76,23 +73,8 @@ def _own_database(db: Postgres, name: str) -> str:
 @contextmanager
 def _serve(settings: Settings, card: Any) -> Iterator[str]:
     """Interval on uvicorn, started (its startup publishes the card) and stopped around the block."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, model_card=card), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_app(create_app(settings, model_card=card)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,7 +30,6 @@ import psycopg
 import pydicom
 import pytest
 import redis as redis_lib
-import uvicorn
 
 from adapters import fhir_codes as C
 from adapters.dicomweb import DicomWebClient, DicomWebImageSource, StableStudy, StableStudyWatcher, tag_value
@@ -40,7 +38,15 @@ from adapters.fhir_publish import REPORT_ID_SYSTEM, report_identifier
 from adapters.resource_store import ResourceStore
 from adapters.settings import Settings
 from fixtures.ehr import seed
-from fixtures.services import REPO_ROOT, FhirStandin, OrthancServer, Postgres, RedisServer, free_port
+from fixtures.services import (
+    REPO_ROOT,
+    FhirStandin,
+    OrthancServer,
+    Postgres,
+    RedisServer,
+    free_port,
+    serve_app,
+)
 from fixtures.synth.cohort import CohortOptions, PatientTruth, make_patient
 from fixtures.synth.evaluation import TruthSegmenter
 from service.app import create_app
@@ -242,10 +248,8 @@ def stack(
     )
     store = ResourceStore(database_url)
     app = create_app(settings, store=store, runner=CeleryRunner(store, create_celery(settings), MODEL))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, 20, "uvicorn started")
+    serving = contextlib.ExitStack()
+    serving.enter_context(serve_app(app, port))
     command = [sys.executable, "-m", "workers.cli", "worker", "-Q", "imaging,default", "-c", "1"]
     command += ["-n", f"pacs-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "info"]
     worker = Proc.start(command, env, folder / "worker.log")
@@ -258,8 +262,7 @@ def stack(
         if s.watcher is not None:
             s.watcher.stop()
         worker.stop()
-        server.should_exit = True
-        thread.join(timeout=10)
+        serving.close()
         pacs.close()
         store.close()
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +30,6 @@ import httpx
 import psycopg
 import pydicom
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
@@ -44,7 +43,7 @@ from adapters.resource_store import ResourceStore
 from adapters.settings import Settings
 from core.report import ReportText
 from fixtures.ehr import seed
-from fixtures.services import FhirStandin, Postgres, free_port
+from fixtures.services import FhirStandin, Postgres, free_port, serve_app
 from fixtures.synth.cohort import CohortOptions, PatientTruth, make_patient
 from fixtures.synth.evaluation import TruthSegmenter
 from service.app import create_app
@@ -152,14 +151,8 @@ def stack(
         station_sites=settings.web_station_sites,
     )
     app = create_app(settings, analyzer=analyzer, users=users)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    serving = contextlib.ExitStack()
+    url = serving.enter_context(serve_app(app, port))
     token = mint_token(SECRET, "ehr", "system/Task.crs system/DiagnosticReport.rs system/Observation.rs")
     headers = {"Authorization": f"Bearer {token}"}
     try:
@@ -193,8 +186,7 @@ def stack(
             url, fhir_server.base_url, patient, report_id, ehr_report, token, analysis, settings.artifacts_dir
         )
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        serving.close()
         users.close()
         switches.close()
 

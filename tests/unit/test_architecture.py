@@ -72,6 +72,7 @@ ALLOWED = {
         "httpx",
         "psycopg",
         "sqlalchemy",
+        "uvicorn",  # serve_app: the API on a thread for a test
     },
 }
 
