@@ -376,6 +376,12 @@ def evaluate_tracking_cmd(
     cohort: Annotated[Path, typer.Argument(help="A cohort made by 'interval synth'.")],
     segmenter: Annotated[str, typer.Option(help="'truth' (ground-truth masks) or 'model'.")] = "truth",
     out: Annotated[Path | None, typer.Option(help="Write the figures as JSON here.")] = None,
+    calibrated: Annotated[
+        bool,
+        typer.Option(
+            help="With --segmenter model: apply the site calibrations in INTERVAL_CALIBRATION_DIR, as the service does."
+        ),
+    ] = True,
 ) -> None:
     """Track linking, new-lesion recall and RECIST agreement over every follow-up of a cohort."""
     from fixtures.synth.evaluation import TruthSegmenter, evaluate_tracking
@@ -385,10 +391,14 @@ def evaluate_tracking_cmd(
             result = evaluate_tracking(cohort, TruthSegmenter, progress=err_console.print)
         elif segmenter == "model":
             from adapters.settings import Settings
-            from models.segmentation.inference import segmenter_from_settings
+            from models.segmentation.calibration import calibrated_segmenter
 
-            model = segmenter_from_settings(Settings(), tta=False)
+            settings = Settings()
+            model = calibrated_segmenter(settings, tta=False, calibrated=calibrated)
             result = evaluate_tracking(cohort, lambda _: model, progress=err_console.print)
+            result["model_version"] = model.model_version
+            result["calibration_dir"] = str(settings.calibration_dir) if calibrated else None
+            result["calibrations_applied"] = dict(model.applied)
         else:
             raise InputError(f"--segmenter must be 'truth' or 'model', got {segmenter!r}")
         result["segmenter"] = segmenter

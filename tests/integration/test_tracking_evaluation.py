@@ -1,0 +1,89 @@
+"""`interval evaluate-tracking` in a subprocess on small generated cohorts (repositioned patients, 3 time points):
+the whole pipeline per follow-up (priors, prior images, alignment, matching, RECIST), scored against the truth."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.synth.cohort import CohortOptions, make_cohort
+
+pytestmark = pytest.mark.slow
+
+CALIBRATIONS = Path(__file__).resolve().parents[2] / "models" / "weights" / "calibrations" / "all-vendors"
+
+
+def _evaluate(cohort: Path, out: Path, *args: str, **env: str) -> dict:
+    exe = Path(sys.executable).parent / "interval"
+    command = [str(exe), "evaluate-tracking", str(cohort), "--out", str(out), *args]
+    full = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160", **env}
+    done = subprocess.run(command, capture_output=True, text=True, env=full, cwd=out.parent, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def truth_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """With the truth masks standing in for the model, what is left is Interval's own geometry, alignment,
+    matching and RECIST."""
+    folder = tmp_path_factory.mktemp("tracking")
+    cohort = folder / "cohort"
+    make_cohort(
+        cohort, 3, CohortOptions(seed=4141, vendors=("ge", "canon"), min_time_points=3, max_time_points=3)
+    )
+    return _evaluate(cohort, folder / "truth.json", "--segmenter", "truth")
+
+
+def test_ground_truth_masks_give_exact_links_and_new_lesions(truth_run):
+    overall = truth_run["summary"]["all"]
+    assert overall["recist_agreement"]["total"] == 6  # 3 patients x 2 follow-ups, all scored
+    assert overall["track_links"]["total"] > 0
+    assert overall["track_links"]["rate"] == 1.0, truth_run["rows"]
+    if overall["new_lesion_recall"]["total"]:
+        assert overall["new_lesion_recall"]["rate"] == 1.0, truth_run["rows"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known defect (issue 4): core.geometry measures a rasterized lesion up to one pixel long (edge midpoints; "
+        "+0.3 to +1.4 mm on these 2.1 mm pixels), which flips categories at RECIST thresholds: here a new node of "
+        "9.3 mm short axis measures 10.2 mm (PD for SD), and a sum 31.4% under the baseline the EHR recorded "
+        "(40.1 mm) measures 29.3% under it (SD for PR)"
+    ),
+)
+def test_ground_truth_masks_give_the_true_recist_category(truth_run):
+    overall = truth_run["summary"]["all"]
+    assert overall["recist_agreement"]["rate"] == 1.0, truth_run["rows"]
+
+
+def test_the_model_run_applies_the_site_calibrations_as_the_service_does(tmp_path):
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, 1, CohortOptions(seed=4142, vendors=("ge",), min_time_points=2, max_time_points=2))
+    sites = tmp_path / "calibrations"
+    sites.mkdir()
+    shutil.copy(CALIBRATIONS / "ge-medical-systems-revolution-ct.json", sites)
+    calibrated = _evaluate(
+        cohort, tmp_path / "calibrated.json", "--segmenter", "model", INTERVAL_CALIBRATION_DIR=str(sites)
+    )
+    # the follow-up and its prior were both segmented under the GE calibration
+    assert sum(calibrated["calibrations_applied"].values()) >= 2, calibrated["calibrations_applied"]
+    assert all("Revolution CT" in scanner for scanner in calibrated["calibrations_applied"])
+    plain = _evaluate(
+        cohort,
+        tmp_path / "plain.json",
+        "--segmenter",
+        "model",
+        "--no-calibrated",
+        INTERVAL_CALIBRATION_DIR=str(sites),
+    )
+    assert plain["calibrations_applied"] == {}
+    assert plain["calibration_dir"] is None
+    assert plain["model_version"] == calibrated["model_version"]
+    assert plain["summary"]["all"]["recist_agreement"]["total"] == 1
