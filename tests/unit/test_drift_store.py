@@ -300,3 +300,35 @@ def test_the_command_line_sets_a_reference_from_signals_and_reports_status(tmp_p
         cli, ["drift", "reference", "north", "CT-N1", "--from", str(signals), "--signals", "age"], env=env
     )
     assert bad.exit_code == 2 and "unknown signal or group 'age'" in bad.output
+
+
+def test_a_radiologists_rejection_reaches_the_studys_drift_record(tmp_path):
+    import datetime as dt
+
+    from service.users import FeedbackRecord
+    from service.web_context import StoredReport, WebPages
+
+    settings = Settings(environment="test", database_url=f"sqlite:///{tmp_path / 'interval.db'}")
+    store = ResourceStore(settings.database_url)
+    web = WebPages(settings, store)
+    try:
+        (s,) = stream(2, 1)
+        web.drift.record(s)
+        analysis = {
+            "lesions": [
+                {"track_id": "t1", "current": {"probability": 0.9}},
+                {"track_id": "t2", "current": {"probability": 0.7}},
+                {"track_id": "t3", "current": None},  # a prior lesion not seen now: no AI finding
+            ]
+        }
+        report = StoredReport(
+            {"id": "r1", "resourceType": "DiagnosticReport"}, "north", s.study_uid, analysis, None
+        )
+        now = dt.datetime(2024, 3, 4, 10, 0)
+        web.users.record_feedback(FeedbackRecord("r1", "t2", "L2", "rejected", "rad", "vessel", now))
+        web.users.record_feedback(FeedbackRecord("r1", "t1", "L1", "accepted", "rad", "", now))
+        web.record_review(report)
+        assert web.drift.studies(UNIT)[0].numeric["rejected_fraction"] == 0.5
+    finally:
+        web.close()
+        store.close()
