@@ -271,11 +271,11 @@ def _pixels(
                     f"decoded frame of {stored.shape}, header says {(f.rows, f.columns)}"
                 )
                 continue
-            image = stored.astype(np.float32)
-            if (
-                f.rescale_slope != 1.0
-            ):  # float64 arithmetic only where a slope needs it (the common case has none)
+            # float64 arithmetic only where a slope needs it (the common case has none)
+            if f.rescale_slope != 1.0:
                 image = (stored.astype(np.float64) * f.rescale_slope).astype(np.float32)
+            else:
+                image = stored.astype(np.float32)
             if f.rescale_intercept != 0.0:
                 image += np.float32(f.rescale_intercept)
             images.append(image)
