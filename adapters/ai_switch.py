@@ -13,7 +13,7 @@ import datetime as dt
 from sqlalchemy import Boolean, DateTime, Index, Integer, String, Text, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from adapters.sql_store import SqlStore
+from adapters.sql_store import SqlStore, utc_now
 from core.oversight import AiSwitch
 
 __all__ = ["AiSwitchStore"]
@@ -46,7 +46,7 @@ class AiSwitchStore(SqlStore):
 
     def set(self, site: str, ai_enabled: bool, changed_by: str, reason: str) -> AiSwitch:
         """Record a new setting (now); ``ValueError`` for a bad site or a missing reason. Returns it stored."""
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+        now = utc_now()
         checked = AiSwitch(site.strip(), ai_enabled, changed_by, now, " ".join(reason.split()))
         with self._tx() as s:
             row = _Change(

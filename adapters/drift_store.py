@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +39,10 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from adapters.sql_store import make_engine
+from adapters.resource_store import format_instant
+from adapters.sql_store import SqlStore, utc_now
 from core.drift import (
     AlertDraft,
     MonitorState,
@@ -135,8 +134,8 @@ class AlertRecord:
             "site": self.unit.site,
             "station": self.unit.station,
             "status": self.status,
-            "opened_at": _instant(self.opened_at),
-            "resolved_at": _instant(self.resolved_at) if self.resolved_at else None,
+            "opened_at": format_instant(self.opened_at),
+            "resolved_at": format_instant(self.resolved_at) if self.resolved_at else None,
             "opened_by_study": self.opened_by_study,
             "score": round(self.score, 3),
             "summary": self.summary,
@@ -169,7 +168,7 @@ class UnitStatus:
             "site": self.unit.site,
             "station": self.unit.station,
             "has_reference": self.has_reference,
-            "reference_set_at": _instant(self.reference_set_at) if self.reference_set_at else None,
+            "reference_set_at": format_instant(self.reference_set_at) if self.reference_set_at else None,
             "studies_since_reference": self.studies_since_reference,
             "window": self.window,
             "score": None if self.score is None else round(self.score, 3),
@@ -177,7 +176,7 @@ class UnitStatus:
             "positive_run": self.state.positive_run,
             "alert_open": self.state.alert_open,
             "active_alerts": self.active_alerts,
-            "last_study_at": _instant(self.last_study_at) if self.last_study_at else None,
+            "last_study_at": format_instant(self.last_study_at) if self.last_study_at else None,
             "last_scanner": self.last_scanner,
             "last_evaluation": self.last_evaluation,
         }
@@ -194,32 +193,24 @@ class RecordOutcome:
     resolved: tuple[str, ...] = ()  # ids of alerts this study resolved
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+def _latest_studies(s: Session, unit: Unit, limit: int) -> Iterator[_Study]:
+    """The unit's last ``limit`` studies, newest first."""
+    return iter(
+        s.scalars(
+            select(_Study)
+            .where(_Study.site == unit.site, _Study.station == unit.station)
+            .order_by(_Study.pk.desc())
+            .limit(limit)
+        )
+    )
 
 
-def _instant(moment: dt.datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-class DriftStore:
+class DriftStore(SqlStore):
     """Signals, references, the rule's state and alerts of every monitored unit."""
 
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
-        self._engine = make_engine(database_url)
-        self._sqlite = self._engine.dialect.name == "sqlite"
-        self._lock: threading.RLock | None = threading.RLock() if self._sqlite else None
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
-        _Base.metadata.create_all(self._engine)
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    @contextmanager
-    def _tx(self) -> Iterator[Session]:
-        with self._lock or nullcontext(), self._sessions() as session, session.begin():
-            yield session
+        super().__init__(database_url, _Base.metadata)
 
     # --- recording ------------------------------------------------------------------------------------------
 
@@ -228,7 +219,7 @@ class DriftStore:
         for attempt in (1, 2):
             try:
                 with self._tx() as s:
-                    return self._record(s, signals, at or _now())
+                    return self._record(s, signals, at or utc_now())
             except IntegrityError:
                 if attempt == 2:  # the unit's row (or the study's) was inserted by another writer: once more
                     raise
@@ -354,7 +345,7 @@ class DriftStore:
     def set_reference(self, reference: Reference, *, at: dt.datetime | None = None) -> tuple[str, ...]:
         """Make ``reference`` the unit's: the window restarts with the next study, the rule's state is reset,
         and the unit's active alerts are resolved (a new reference answers them). Returns their ids."""
-        at = at or _now()
+        at = at or utc_now()
         with self._tx() as s:
             row = self._unit_row(s, reference.unit)
             last = s.scalar(
@@ -375,27 +366,17 @@ class DriftStore:
     def studies(self, unit: Unit, *, limit: int = 1000) -> list[StudySignals]:
         """The unit's most recent studies (oldest first): e.g. the validation studies of a new reference."""
         with self._tx() as s:
-            rows = s.scalars(
-                select(_Study)
-                .where(_Study.site == unit.site, _Study.station == unit.station)
-                .order_by(_Study.pk.desc())
-                .limit(limit)
-            )
+            rows = _latest_studies(s, unit, limit)
             return [_signals(r) for r in rows][::-1]
 
     def recent_scores(self, unit: Unit, *, limit: int = 50) -> list[dict[str, Any]]:
         """The last studies of a unit with the score of the window each completed (newest first)."""
         with self._tx() as s:
-            rows = s.scalars(
-                select(_Study)
-                .where(_Study.site == unit.site, _Study.station == unit.station)
-                .order_by(_Study.pk.desc())
-                .limit(limit)
-            )
+            rows = _latest_studies(s, unit, limit)
             return [
                 {
                     "study_uid": r.study_uid,
-                    "recorded_at": _instant(r.recorded_at),
+                    "recorded_at": format_instant(r.recorded_at),
                     "scanner": r.scanner,
                     "score": None if r.score is None else round(r.score, 3),
                     "positive": r.positive,

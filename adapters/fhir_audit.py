@@ -38,6 +38,7 @@ from adapters.fhir_codes import API_CLIENT_SYSTEM, USER_SYSTEM
 from adapters.fhir_publish import MODEL_ID_SYSTEM
 from adapters.fhir_search import parse_reference
 from adapters.resource_store import format_instant
+from adapters.sql_store import utc_now
 
 __all__ = [
     "AI_SWITCH_SYSTEM",
@@ -222,7 +223,7 @@ def audit_event(
     """The AuditEvent of one event of ``kind`` (a ``KINDS`` code). ``outcome_desc`` says why a refused action
     was refused, in identifiers and finding labels only."""
     k = KINDS[kind]
-    when = recorded or dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    when = recorded or utc_now()
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "type": {"system": _DCM, "code": k.type_code, "display": k.type_display},

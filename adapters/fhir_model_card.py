@@ -33,6 +33,7 @@ from typing import Any
 
 from adapters.fhir_publish import MODEL_ID_SYSTEM, model_device_entry
 from adapters.resource_store import ResourceStore, VersionConflict, format_instant
+from adapters.sql_store import utc_now
 from core.errors import IntervalError
 
 __all__ = [
@@ -216,9 +217,7 @@ def publish_model_card(
         others = [d for d in _cards(store, {"status": "current"}) if all(d["id"] != s["id"] for s in same)]
         if same and same[0].get("status") == "current" and not others:
             return PublishedCard(same[0], created=False)
-        bundle = model_card_bundle(
-            card, date=now or dt.datetime.now(dt.UTC).replace(tzinfo=None), supersede=others
-        )
+        bundle = model_card_bundle(card, date=now or utc_now(), supersede=others)
         if same:  # rolled back to a model whose card was superseded: make that card current again
             bundle["entry"][1] = {
                 "resource": {**same[0], "status": "current"},

@@ -57,7 +57,7 @@ from adapters.fhir_search import (
     parse_query,
 )
 from adapters.fhir_validation import InvalidResourceError, is_fhir_id, validate_resource
-from adapters.sql_store import SqlStore
+from adapters.sql_store import SqlStore, utc_now
 from core.errors import IntervalError
 
 __all__ = [
@@ -151,11 +151,6 @@ class _Job(_Base):
     attempts: Mapped[int] = mapped_column(Integer)
     created: Mapped[dt.datetime] = mapped_column(DateTime)
     updated: Mapped[dt.datetime] = mapped_column(DateTime)
-
-
-def _now() -> dt.datetime:
-    """Naive UTC, microseconds: the store's clock."""
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def format_instant(moment: dt.datetime) -> str:
@@ -315,7 +310,7 @@ class ResourceStore(SqlStore):
         raise IntervalError(f"analysis job {key} could not be recorded (concurrent inserts); retry")
 
     def _enqueue(self, s: Session, key: str, task: dict[str, Any]) -> tuple[dict[str, Any], EnqueueOutcome]:
-        now = _now()
+        now = utc_now()
         job = s.get(_Job, key, with_for_update=True)
         existing = s.get(_Resource, ("Task", job.task_id), with_for_update=True) if job else None
         if job is None or existing is None:
@@ -356,7 +351,7 @@ class ResourceStore(SqlStore):
         return self._write(s, row, resource, element)
 
     def _write(self, s: Session, row: _Resource, resource: dict[str, Any], element: str) -> dict[str, Any]:
-        now = _now()
+        now = utc_now()
         version = row.version_id + 1
         resource["id"] = row.id
         meta = resource.get("meta")

@@ -7,6 +7,7 @@ session; SQLite writes serialised in-process, since SQLite has one writer anyway
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -17,7 +18,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-__all__ = ["SqlStore", "make_engine"]
+__all__ = ["SqlStore", "make_engine", "utc_now"]
+
+
+def utc_now() -> dt.datetime:
+    """Naive UTC with microseconds: the clock of every store's timestamps."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def make_engine(url: str) -> Engine:

@@ -61,6 +61,7 @@ from adapters.fhir_validation import (
 )
 from adapters.resource_store import ResourceNotFoundError, ResourceStore, format_instant, parse_etag
 from adapters.settings import Settings
+from adapters.sql_store import utc_now
 from adapters.telemetry import StoreCollector, metrics_text, redis_queue_depths
 from core.errors import IntervalError, OversightError
 from core.oversight import SIGNED_STATUSES, changes_signature
@@ -149,7 +150,7 @@ def create_app(
         runner if runner is not None else InProcessRunner(store, analyzer or UnconfiguredAnalyzer())
     )
     base = settings.public_base_url.rstrip("/")
-    started = format_instant(dt.datetime.now(dt.UTC).replace(tzinfo=None))
+    started = format_instant(utc_now())
     capability = capability_statement(settings, _software_version(), started)
 
     @asynccontextmanager
@@ -429,7 +430,7 @@ async def _fhir_body(request: Request) -> dict[str, Any]:
 
 def _new_task(body: dict[str, Any], key: str) -> dict[str, Any]:
     """The Task as stored: the client's, with the server's id, timestamps and idempotency key."""
-    now = format_instant(dt.datetime.now(dt.UTC).replace(tzinfo=None))
+    now = format_instant(utc_now())
     task = {k: v for k, v in body.items() if k != "id"}
     task.setdefault("authoredOn", now)
     task["lastModified"] = now

@@ -22,7 +22,6 @@ embedded default); ``workers.celery_app.CeleryRunner`` queues them to Celery wor
 from __future__ import annotations
 
 import concurrent.futures
-import datetime as dt
 import logging
 import re
 import threading
@@ -37,6 +36,7 @@ from adapters.fhir_publish import AI_NOT_USED, AI_OUTCOME_SYSTEM, SITE_EXTENSION
 from adapters.fhir_search import parse_reference
 from adapters.fhir_validation import InvalidResourceError, require_code
 from adapters.resource_store import ResourceNotFoundError, ResourceStore, VersionConflict, format_instant
+from adapters.sql_store import utc_now
 from core.errors import AnalysisError, IntervalError, ModelError, PatientMismatchError
 
 __all__ = [
@@ -455,7 +455,7 @@ def _start(task: dict[str, Any]) -> None:
 
 
 def format_instant_now() -> str:
-    return format_instant(dt.datetime.now(dt.UTC).replace(tzinfo=None))
+    return format_instant(utc_now())
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ written with the report's update itself (``ResourceStore.update(also_create=...)
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from adapters.evidence import text_diff
@@ -23,6 +22,7 @@ from adapters.fhir_audit import AuditAgent, audit_event, client_agent, report_en
 from adapters.fhir_codes import USER_SYSTEM
 from adapters.fhir_publish import AIAST
 from adapters.resource_store import ResourceStore
+from adapters.sql_store import utc_now
 from core.errors import OversightError
 from core.oversight import SIGNED_STATUSES, check_review_complete
 from core.report import ReportText
@@ -184,7 +184,7 @@ def record_signature(
             user.username,
             user.display_name,
             "signed" if final else "amended",
-            dt.datetime.now(dt.UTC).replace(tzinfo=None),
+            utc_now(),
             draft_text=draft.as_text(),
             signed_text=text.as_text(),
             diff=text_diff(draft, text),

@@ -34,7 +34,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Boolean, DateTime, Index, Integer, String, Text, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from adapters.sql_store import SqlStore
+from adapters.sql_store import SqlStore, utc_now
 from core.errors import InputError
 
 __all__ = [
@@ -151,10 +151,6 @@ def login_csrf_token(key: bytes, nonce: str) -> str:
     return hmac.new(key, f"login:{nonce}".encode(), hashlib.sha256).hexdigest()
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
-
-
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -268,7 +264,7 @@ class UserStore(SqlStore):
                 password_hash=hashed,
                 practitioner_ref=practitioner_ref,
                 active=True,
-                created=_now(),
+                created=utc_now(),
             )
             s.add(row)
             return _user(row)
@@ -314,7 +310,7 @@ class UserStore(SqlStore):
     def start_session(self, user: User, ttl: dt.timedelta) -> tuple[str, WebSession]:
         """A new login: (the cookie's token, the session). Expired sessions are swept at the same time."""
         token = secrets.token_urlsafe(32)
-        now = _now()
+        now = utc_now()
         session = WebSession(user, secrets.token_urlsafe(32), now + ttl)
         with self._tx() as s:
             s.execute(delete(_Session).where(_Session.expires < now))
@@ -334,7 +330,7 @@ class UserStore(SqlStore):
             return None
         with self._tx() as s:
             row = s.get(_Session, _token_hash(token))
-            if row is None or row.expires <= _now():
+            if row is None or row.expires <= utc_now():
                 return None
             user = s.get(_User, row.username)
             if user is None or not user.active:

@@ -7,7 +7,6 @@ The routes live in ``service.web_session``, ``service.web_review`` and ``service
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import threading
@@ -35,6 +34,7 @@ from adapters.fhir_validation import is_fhir_id
 from adapters.image_folder import FolderImageSource
 from adapters.resource_store import ResourceStore, format_instant
 from adapters.settings import Settings
+from adapters.sql_store import utc_now
 from core.errors import IntervalError
 from core.oversight import site_of_station
 from core.report import ReportText
@@ -139,7 +139,7 @@ class StoredReport:
 
 def now_instant() -> str:
     """Now, as a FHIR instant (UTC)."""
-    return format_instant(dt.datetime.now(dt.UTC).replace(tzinfo=None))
+    return format_instant(utc_now())
 
 
 class WebPages:

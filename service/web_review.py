@@ -18,7 +18,6 @@ older version is refused (409) with the person's text kept in the form and the c
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import Any
 from urllib.parse import quote
@@ -39,6 +38,7 @@ from adapters.fhir_audit import audit_event, identified_entity, report_entities,
 from adapters.fhir_codes import DICOM_UID
 from adapters.fhir_publish import OBSERVATION_ID_SYSTEM
 from adapters.resource_store import VersionConflict
+from adapters.sql_store import utc_now
 from core.errors import IntervalError, OversightError
 from core.oversight import pending_findings
 from core.report import ReportText
@@ -264,7 +264,7 @@ def save_draft(request: Request, web: Web, form: Form, report_id: str) -> Respon
             session.user.username,
             session.user.display_name,
             "saved",
-            dt.datetime.now(dt.UTC).replace(tzinfo=None),
+            utc_now(),
         )
     )
     return RedirectResponse(f"/reports/{report_id}?done=saved", 303)
@@ -398,7 +398,7 @@ def review_finding(request: Request, web: Web, form: Form, report_id: str, track
     if version != report.version:
         return _conflict(web, session, report_id, version, report.text)
     label = str(lesion.get("label") or "")
-    now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    now = utc_now()
     reason = " ".join(form.get("reason", "").split())[:500]
     new_version = version
     if decision == "reject":
