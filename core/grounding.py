@@ -24,6 +24,7 @@ sentence, so swapping a lesion's current and prior size is not caught (the direc
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import re
 from dataclasses import dataclass
@@ -32,7 +33,24 @@ from core.recist import Response
 from core.report import Change, LesionFact, ReportFacts, ReportText, finding_sentence, render_report
 from core.types import Organ
 
-__all__ = ["Origin", "SentenceCheck", "VerifiedDraft", "split_sentences", "verify_draft"]
+__all__ = [
+    "DIRECTION_WORDS",
+    "MM_TOLERANCE",
+    "SIDE_WORDS",
+    "SITE_WORDS",
+    "Origin",
+    "SentenceCheck",
+    "VerifiedDraft",
+    "claim_problems",
+    "global_numbers",
+    "known_dates",
+    "lesion_numbers",
+    "split_sentences",
+    "stated_directions",
+    "sum_changes_pct",
+    "verify_draft",
+    "words_pattern",
+]
 
 
 class Origin(enum.StrEnum):
@@ -89,22 +107,48 @@ _MONTHS = [
     "december",
 ]
 _TEXT_DATE = re.compile(r"\b(\d{1,2})\s+(" + "|".join(_MONTHS) + r")\s+(\d{4})\b", re.I)
-_SITES: dict[Organ, re.Pattern[str]] = {
-    Organ.LIVER: re.compile(r"\b(liver|hepatic|hepato\w*)\b", re.I),
-    Organ.LUNG: re.compile(r"\b(lungs?|pulmonary|lobe)\b", re.I),
-    Organ.LYMPH_NODE: re.compile(r"\b(lymph|nodes?|nodal|adenopathy)\b", re.I),
-    Organ.ADRENAL: re.compile(r"\b(adrenal)\b", re.I),
+# The words that make a claim, one entry per claim: a trailing ``*`` is a stem (any ending). The verifier's
+# patterns are built from them, and so is constrained decoding (``core.draft_guide``): the two cannot drift.
+SITE_WORDS: dict[Organ, tuple[str, ...]] = {
+    Organ.LIVER: ("liver", "hepatic", "hepato*"),
+    Organ.LUNG: ("lung", "lungs", "pulmonary", "lobe"),
+    Organ.LYMPH_NODE: ("lymph", "node", "nodes", "nodal", "adenopathy"),
+    Organ.ADRENAL: ("adrenal",),
 }
-_SIDES = {"left": re.compile(r"\bleft\b", re.I), "right": re.compile(r"\bright\b", re.I)}
-_DIRECTIONS: dict[Change, re.Pattern[str]] = {
-    Change.INCREASED: re.compile(
-        r"\b(increas\w*|enlarg\w*|grown|grew|larger|bigger|progress(ed|ing))\b", re.I
+SIDE_WORDS: dict[str, tuple[str, ...]] = {"left": ("left",), "right": ("right",)}
+DIRECTION_WORDS: dict[Change, tuple[str, ...]] = {
+    Change.INCREASED: (
+        "increas*",
+        "enlarg*",
+        "grown",
+        "grew",
+        "larger",
+        "bigger",
+        "progressed",
+        "progressing",
     ),
-    Change.DECREASED: re.compile(r"\b(decreas\w*|smaller|reduc\w*|shrunk|shrank|regress\w*)\b", re.I),
-    Change.STABLE: re.compile(r"\b(stable|unchanged|no significant change)\b", re.I),
-    Change.NEW: re.compile(r"\bnew\b", re.I),
-    Change.RESOLVED: re.compile(r"\b(resolved|no longer (seen|visible|identified)|disappeared)\b", re.I),
+    Change.DECREASED: ("decreas*", "smaller", "reduc*", "shrunk", "shrank", "regress*"),
+    Change.STABLE: ("stable", "unchanged", "no significant change"),
+    Change.NEW: ("new",),
+    Change.RESOLVED: (
+        "resolved",
+        "no longer seen",
+        "no longer visible",
+        "no longer identified",
+        "disappeared",
+    ),
 }
+
+
+def words_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
+    """A case-blind pattern for whole words (``stem*``: the stem with any ending)."""
+    alternatives = [re.escape(w[:-1]) + r"\w*" if w.endswith("*") else re.escape(w) for w in words]
+    return re.compile(r"\b(" + "|".join(alternatives) + r")\b", re.I)
+
+
+_SITES = {organ: words_pattern(words) for organ, words in SITE_WORDS.items()}
+_SIDES = {side: words_pattern(words) for side, words in SIDE_WORDS.items()}
+_DIRECTIONS = {change: words_pattern(words) for change, words in DIRECTION_WORDS.items()}
 _CATEGORIES: dict[Response, re.Pattern[str]] = {
     Response.CR: re.compile(r"\bcomplete response\b|\(CR\)|\bCR\b"),
     Response.PR: re.compile(r"\bpartial response\b|\bPR\b", re.I),
@@ -114,7 +158,7 @@ _CATEGORIES: dict[Response, re.Pattern[str]] = {
     Response.NON_CR_NON_PD: re.compile(r"non-CR/non-PD", re.I),
 }
 _NEGATED_PROGRESSION = re.compile(r"\bnot (counted|called|considered)( as)? progression\b", re.I)
-_MM_TOLERANCE = 0.51  # reported diameters are whole millimetres (0.5 up), cm to one decimal
+MM_TOLERANCE = 0.51  # reported diameters are whole millimetres (0.5 up), cm to one decimal
 
 
 def split_sentences(text: str) -> list[str]:
@@ -140,7 +184,7 @@ def _dates(sentence: str) -> list[str]:
     return found
 
 
-def _lesion_numbers(f: LesionFact) -> list[float]:
+def lesion_numbers(f: LesionFact) -> list[float]:
     return [
         v
         for v in (f.long_axis_mm, f.short_axis_mm, f.prior_long_axis_mm, f.prior_short_axis_mm)
@@ -148,18 +192,38 @@ def _lesion_numbers(f: LesionFact) -> list[float]:
     ]
 
 
-def _global_numbers(facts: ReportFacts) -> list[float]:
+def global_numbers(facts: ReportFacts) -> list[float]:
     r = facts.recist
     if r is None:
         return []
     return [v for v in (r.current_sum_mm, r.baseline_sum_mm, r.nadir_sum_mm, r.change_from_nadir_mm) if v]
 
 
+def sum_changes_pct(facts: ReportFacts) -> list[float]:
+    r = facts.recist
+    if r is None:
+        return []
+    return [p for p in (r.change_from_baseline_pct, r.change_from_nadir_pct) if p is not None]
+
+
+def known_dates(facts: ReportFacts) -> set[dt.date]:
+    """The dates a report may state: the study's, the comparisons' and the lesions' prior dates."""
+    return {facts.study_date, *facts.comparison_dates, *(f.prior_date for f in facts.lesions if f.prior_date)}
+
+
 def _close(value: float, allowed: list[float]) -> bool:
-    return any(abs(value - a) <= _MM_TOLERANCE or abs(value - round(a)) < 1e-6 for a in allowed)
+    return any(abs(value - a) <= MM_TOLERANCE or abs(value - round(a)) < 1e-6 for a in allowed)
 
 
-def _problems(sentence: str, facts: ReportFacts, by_label: dict[str, LesionFact]) -> list[str]:
+def stated_directions(sentence: str) -> set[Change]:
+    """The changes a sentence states (increased / decreased / stable / new / resolved)."""
+    claimed = {c for c, p in _DIRECTIONS.items() if p.search(sentence)}
+    if _NEGATED_PROGRESSION.search(sentence):
+        claimed.discard(Change.INCREASED)
+    return claimed
+
+
+def claim_problems(sentence: str, facts: ReportFacts, by_label: dict[str, LesionFact]) -> list[str]:
     problems: list[str] = []
     labels = list(dict.fromkeys(_LABEL.findall(sentence)))
     unknown = [lab for lab in labels if lab not in by_label]
@@ -167,28 +231,23 @@ def _problems(sentence: str, facts: ReportFacts, by_label: dict[str, LesionFact]
         problems.append(f"names lesion(s) {', '.join(unknown)} that were not measured")
     named = [by_label[lab] for lab in labels if lab in by_label]
 
-    allowed = [v for f in named for v in _lesion_numbers(f)] if named else []
+    allowed = [v for f in named for v in lesion_numbers(f)] if named else []
     if not named:
-        allowed = _global_numbers(facts) + [v for f in facts.lesions for v in _lesion_numbers(f)]
+        allowed = global_numbers(facts) + [v for f in facts.lesions for v in lesion_numbers(f)]
     for value in _mm_values(sentence):
         if not _close(value, allowed):
             problems.append(
                 f"{value:g} mm is not a measurement of {'the named lesion' if named else 'this study'}"
             )
     if facts.recist is not None:
-        pcts = [
-            p
-            for p in (facts.recist.change_from_baseline_pct, facts.recist.change_from_nadir_pct)
-            if p is not None
-        ]
+        pcts = sum_changes_pct(facts)
         for m in _PCT.findall(sentence):
             value = float(m.replace("−", "-"))
-            if not any(abs(abs(value) - abs(p)) <= 0.51 for p in pcts):
+            if not any(abs(abs(value) - abs(p)) <= MM_TOLERANCE for p in pcts):
                 problems.append(f"{m}% is not the measured change of the target sum")
-    known_dates = {facts.study_date.isoformat(), *(d.isoformat() for d in facts.comparison_dates)}
-    known_dates |= {f.prior_date.isoformat() for f in facts.lesions if f.prior_date}
+    dates = known_dates(facts)
     for d in _dates(sentence):
-        if d not in known_dates:
+        if d not in {x.isoformat() for x in dates}:
             problems.append(f"date {d} is neither this study's nor a comparison date")
 
     if named:
@@ -198,9 +257,7 @@ def _problems(sentence: str, facts: ReportFacts, by_label: dict[str, LesionFact]
         for side, pattern in _SIDES.items():
             if pattern.search(sentence) and not any(f.laterality == side for f in named):
                 problems.append(f"says {side} but the lesion is not on the {side}")
-        claimed = {c for c, p in _DIRECTIONS.items() if p.search(sentence)}
-        if _NEGATED_PROGRESSION.search(sentence):
-            claimed.discard(Change.INCREASED)
+        claimed = stated_directions(sentence)
         actual = {f.change for f in named}
         for c in claimed - actual:
             if c is Change.NEW and any(f.change is Change.NEW for f in named):
@@ -254,7 +311,7 @@ def verify_draft(draft: ReportText, facts: ReportFacts) -> VerifiedDraft:
         ("impression", draft.impression),
     ):
         for sentence in split_sentences(text):
-            problems = [] if sentence in trusted else _problems(sentence, facts, by_label)
+            problems = [] if sentence in trusted else claim_problems(sentence, facts, by_label)
             if not problems:
                 out[section].append(sentence)
                 checks.append(SentenceCheck(section, sentence, Origin.MODEL))

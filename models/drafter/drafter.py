@@ -1,7 +1,9 @@
 """The report drafter: a causal LM (base + LoRA adapter) writes the sections; the verifier checks them.
 
-Generation discipline: chat template, greedy decoding, a hard ``max_new_tokens``, stop at the model's
-end-of-turn token, one model load per process, torch threads = 1. Whatever the model writes goes through
+Generation discipline: chat template, greedy decoding constrained to the facts (``models.drafter.constrained``:
+no size that is not the named lesion's, no label or claim word that contradicts the sentence; off with
+``constrained=False``), a hard ``max_new_tokens``, stop at the model's end-of-turn token, one model load per
+process, torch threads = 1. Whatever the model writes goes through
 ``core.grounding.verify_draft``: a failing sentence is replaced by the deterministic one and flagged.
 """
 
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 
+from core.draft_guide import DraftGuide
 from core.grounding import VerifiedDraft, verify_draft
 from core.report import ReportFacts, ReportText
 from models.drafter.prompt import SYSTEM, facts_prompt, parse_sections
@@ -29,6 +32,7 @@ class Draft:
     verified: VerifiedDraft
     new_tokens: int
     seconds: float
+    steered: int = 0  # steps where the constraint changed the model's first choice
 
 
 def build_inputs(tokenizer: Any, prompt: str) -> Any:
@@ -46,6 +50,7 @@ class LlmDrafter:
         max_new_tokens: int = 256,
         model: Any = None,
         tokenizer: Any = None,
+        constrained: bool = True,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,20 +69,34 @@ class LlmDrafter:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
+        self.constrained = constrained
+        self._table: Any = None  # models.drafter.constrained.TokenTable, built on first use
         self.version = f"smollm2-135m+{adapter_dir.name if adapter_dir is not None else 'base'}"
 
     @torch.inference_mode()
-    def generate(self, prompt: str) -> tuple[str, int]:
+    def generate(self, prompt: str, guide: DraftGuide | None = None) -> tuple[str, int, int]:
+        """The model's text for ``prompt``, its token count, and how many steps ``guide`` steered."""
+        from transformers import LogitsProcessorList
+
+        from models.drafter.constrained import GuidedLogits, TokenTable
+
         inputs = build_inputs(self.tokenizer, prompt)
+        processors = LogitsProcessorList()
+        if guide is not None:
+            if self._table is None:
+                self._table = TokenTable(self.tokenizer)
+            processors.append(GuidedLogits(self._table, guide, self.tokenizer, inputs["input_ids"].shape[1]))
         out = self.model.generate(
             **inputs,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.eos_token_id,
+            logits_processor=processors,
         )
         new = out[0, inputs["input_ids"].shape[1] :]
-        return self.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
+        steered = processors[0].constrained if guide is not None else 0
+        return self.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0]), steered
 
     @property
     def model_version(self) -> str:
@@ -90,6 +109,7 @@ class LlmDrafter:
     def write(self, facts: ReportFacts) -> Draft:
         """Generate, parse and verify; with the raw text, token count and time (for evaluation)."""
         start = time.perf_counter()
-        raw, n = self.generate(facts_prompt(facts))
+        guide = DraftGuide(facts) if self.constrained else None
+        raw, n, steered = self.generate(facts_prompt(facts), guide)
         sections: ReportText = parse_sections(raw)
-        return Draft(raw, verify_draft(sections, facts), n, time.perf_counter() - start)
+        return Draft(raw, verify_draft(sections, facts), n, time.perf_counter() - start, steered)

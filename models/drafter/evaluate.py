@@ -2,10 +2,12 @@
 
     python -m models.drafter.evaluate --n 200 --out models/weights/drafter-lora/metrics.json
     python -m models.drafter.evaluate --adapter none --n 40      # the base model, before fine-tuning
+    python -m models.drafter.evaluate --unconstrained --out .../metrics_unconstrained.json  # plain greedy
 
 Reports: raw acceptance (sentences the verifier accepted unchanged, over all sentences checked or added),
 the share of drafts accepted whole, final drafts grounded (the verified text re-checked: no flag), every
-new lesion and the RECIST category mentioned in the final text, tokens per second and seconds per report.
+new lesion and the RECIST category mentioned in the final text, tokens per second and seconds per report,
+and how many decoding steps the constraint steered (its choice differed from the model's first choice).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ HELD_OUT_SEED = 424242
 def evaluate(drafter: LlmDrafter, n: int, seed: int = HELD_OUT_SEED) -> dict[str, Any]:
     _, facts_list = make_examples(n, seed)
     sentences = accepted = whole = grounded = mentioned = 0
-    tokens, seconds = 0, 0.0
+    tokens, seconds, steered = 0, 0.0, 0
     failures: dict[str, int] = {}
     for facts in facts_list:
         d = drafter.write(facts)
         tokens += d.new_tokens
         seconds += d.seconds
+        steered += d.steered
         sentences += len(d.verified.sentences)
         accepted += sum(s.origin.value == "model" for s in d.verified.sentences)
         whole += not d.verified.flagged
@@ -61,6 +64,8 @@ def evaluate(drafter: LlmDrafter, n: int, seed: int = HELD_OUT_SEED) -> dict[str
         "fact_sets": n,
         "seed": seed,
         "model": drafter.version,
+        "decoding": "greedy, constrained to the facts" if drafter.constrained else "greedy, unconstrained",
+        "steered_steps": steered,
         "raw_acceptance": round(accepted / max(sentences, 1), 4),
         "drafts_accepted_whole": round(whole / n, 4),
         "final_grounded": round(grounded / n, 4),
@@ -79,11 +84,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED)
     ap.add_argument("--max-new-tokens", type=int, default=224)
+    ap.add_argument("--unconstrained", action="store_true", help="plain greedy decoding, no constraint")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     adapter = None if args.adapter == "none" else Path(args.adapter)
     start = time.monotonic()
-    drafter = LlmDrafter(adapter_dir=adapter, max_new_tokens=args.max_new_tokens)
+    drafter = LlmDrafter(
+        adapter_dir=adapter, max_new_tokens=args.max_new_tokens, constrained=not args.unconstrained
+    )
     result = evaluate(drafter, args.n, args.seed)
     result["wall_s"] = round(time.monotonic() - start, 1)
     print(json.dumps(result, indent=1))
