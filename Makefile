@@ -87,11 +87,14 @@ audit-demo: setup
 	$(VENV)/bin/interval audit data/audit --records $(D)/validation_shipped.json --out $(D)/audit_shipped.json
 	$(MODEL_CARD)
 
-# Reproduce the committed report-drafter adapter (LoRA on SmolLM2-135M; ~40 min of CPU) and its metrics.
+# Reproduce the committed report-drafter adapter (LoRA on SmolLM2-135M; ~40 min of CPU) and its metrics
+# (constrained and plain greedy decoding; ~90 min of CPU).
 drafter: setup
 	OMP_NUM_THREADS=1 $(PY) -m models.drafter.train --out models/weights/drafter-lora --steps 140 --minutes 90
 	OMP_NUM_THREADS=1 $(PY) -m models.drafter.evaluate --n 200 --out models/weights/drafter-lora/metrics.json
-	OMP_NUM_THREADS=1 $(PY) -m models.drafter.evaluate --adapter none --n 40 --out models/weights/drafter-lora/metrics_base_model.json
+	OMP_NUM_THREADS=1 $(PY) -m models.drafter.evaluate --n 200 --unconstrained --out models/weights/drafter-lora/metrics_unconstrained.json
+	OMP_NUM_THREADS=1 $(PY) -m models.drafter.evaluate --adapter none --n 40 --out models/weights/drafter-lora/metrics_base_model_constrained.json
+	OMP_NUM_THREADS=1 $(PY) -m models.drafter.evaluate --adapter none --n 40 --unconstrained --out models/weights/drafter-lora/metrics_base_model.json
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache

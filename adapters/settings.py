@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # Who writes the report text: the fine-tuned language model (verified sentence by sentence) or the
     # deterministic wording alone
     report_drafter: Literal["model", "deterministic"] = "deterministic"
+    # The model's decoding is kept to the facts (no size that is not the named lesion's, no contradicting
+    # label or claim word; models/drafter/constrained.py); off: plain greedy, still verified afterwards
+    report_drafter_constrained: bool = True
     # Where Tasks posted to the API are analysed: in the API process, or by Celery workers (`interval worker`)
     pipeline: Literal["in-process", "celery"] = "in-process"
     # --- distributed pipeline: Celery workers (`interval worker`), Redis broker (workers/celery_app.py) ---

@@ -97,7 +97,7 @@ def build_drafter(settings: Settings) -> ReportDrafter | None:
         return None
     from models.drafter.drafter import LlmDrafter
 
-    return LlmDrafter()
+    return LlmDrafter(constrained=settings.report_drafter_constrained)
 
 
 def app_from_env() -> FastAPI:
