@@ -1,5 +1,6 @@
-"""Drafting speed: one report through ``LlmDrafter.write`` (prompt, generate, parse, verify) against the same
-model's raw ``generate`` of the same number of tokens from the same input, alternating in one process.
+"""Drafting speed: one report through ``LlmDrafter.write`` (prompt, generate constrained to the facts, parse,
+verify) against the same model's raw, unconstrained ``generate`` of the same number of tokens from the same
+input, alternating in one process.
 
     OMP_NUM_THREADS=1 python -m benchmarks.drafting.bench --n 12 --out benchmarks/drafting/result.json
 
