@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from core.grounding import (
     DIRECTION_WORDS,
-    MM_TOLERANCE,
+    ROUNDING_TOLERANCE,
     SIDE_WORDS,
     SITE_WORDS,
     claim_problems,
@@ -89,7 +89,7 @@ def _whole_mm(values: list[float]) -> set[str]:
     out: set[str] = set()
     for v in values:
         for k in (math.floor(v), math.ceil(v), round(v)):
-            if abs(k - v) <= MM_TOLERANCE or k == round(v):
+            if abs(k - v) <= ROUNDING_TOLERANCE or k == round(v):
                 out.add(str(k))
     return out
 
@@ -98,7 +98,7 @@ def _cm(values: list[float]) -> set[str]:
     out: set[str] = set()
     for v in values:
         for c in (math.floor(v) / 10, math.ceil(v) / 10, round(v / 10, 1)):
-            if abs(c * 10 - v) <= MM_TOLERANCE:
+            if abs(c * 10 - v) <= ROUNDING_TOLERANCE:
                 out.add(f"{c:.1f}")
     return out
 

@@ -35,7 +35,7 @@ from core.types import Organ
 
 __all__ = [
     "DIRECTION_WORDS",
-    "MM_TOLERANCE",
+    "ROUNDING_TOLERANCE",
     "SIDE_WORDS",
     "SITE_WORDS",
     "Origin",
@@ -158,7 +158,8 @@ _CATEGORIES: dict[Response, re.Pattern[str]] = {
     Response.NON_CR_NON_PD: re.compile(r"non-CR/non-PD", re.I),
 }
 _NEGATED_PROGRESSION = re.compile(r"\bnot (counted|called|considered)( as)? progression\b", re.I)
-MM_TOLERANCE = 0.51  # reported diameters are whole millimetres (0.5 up), cm to one decimal
+# reported figures are rounded: diameters to whole millimetres (0.5 up) or cm to one decimal, changes to whole %
+ROUNDING_TOLERANCE = 0.51
 
 
 def split_sentences(text: str) -> list[str]:
@@ -212,7 +213,7 @@ def known_dates(facts: ReportFacts) -> set[dt.date]:
 
 
 def _close(value: float, allowed: list[float]) -> bool:
-    return any(abs(value - a) <= MM_TOLERANCE or abs(value - round(a)) < 1e-6 for a in allowed)
+    return any(abs(value - a) <= ROUNDING_TOLERANCE or abs(value - round(a)) < 1e-6 for a in allowed)
 
 
 def stated_directions(sentence: str) -> set[Change]:
@@ -243,11 +244,11 @@ def claim_problems(sentence: str, facts: ReportFacts, by_label: dict[str, Lesion
         pcts = sum_changes_pct(facts)
         for m in _PCT.findall(sentence):
             value = float(m.replace("−", "-"))
-            if not any(abs(abs(value) - abs(p)) <= MM_TOLERANCE for p in pcts):
+            if not any(abs(abs(value) - abs(p)) <= ROUNDING_TOLERANCE for p in pcts):
                 problems.append(f"{m}% is not the measured change of the target sum")
-    dates = known_dates(facts)
+    dates = {d.isoformat() for d in known_dates(facts)}
     for d in _dates(sentence):
-        if d not in {x.isoformat() for x in dates}:
+        if d not in dates:
             problems.append(f"date {d} is neither this study's nor a comparison date")
 
     if named:
