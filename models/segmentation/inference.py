@@ -317,16 +317,17 @@ def _nearest_index(n_native: int, n_work: int) -> npt.NDArray[np.intp]:
 
 
 def _take_nearest(work: npt.NDArray[_T], index: list[npt.NDArray[np.intp]]) -> npt.NDArray[_T]:
-    """``work[np.ix_(*index)]``, one axis at a time (an axis whose index is the identity is not copied), the
-    last axis first: the element-by-element gather along the last axis runs on the smallest array, and the
-    other axes then copy whole rows or planes (a third of the time of the three-axis fancy index on a 512
-    series, and half again of going axis 0 first)."""
-    out = work
-    for axis in reversed(range(len(index))):
-        idx = index[axis]
-        if idx.shape[0] != out.shape[axis] or np.any(idx != np.arange(idx.shape[0])):
-            out = np.take(out, idx, axis=axis)
-    return out if out is not work else out.copy()
+    """``work[np.ix_(*index)]`` of a 3-D ``work``: slice by slice along the first axis, each gathered along its
+    last axis first (the element-by-element gather runs on the smallest array), then its rows copied straight
+    into the result. No full-size intermediate is made: on a 512 series a fresh 44 MB array cost more in page
+    faults than the copy itself."""
+    k_index, j_index, i_index = index
+    out = np.empty((len(k_index), len(j_index), len(i_index)), dtype=work.dtype)
+    identity_i = len(i_index) == work.shape[2] and bool(np.all(i_index == np.arange(len(i_index))))
+    for k, kk in enumerate(k_index):
+        plane = work[kk] if identity_i else np.take(work[kk], i_index, axis=1, mode="clip")
+        np.take(plane, j_index, axis=0, out=out[k], mode="clip")  # indices are in range: no buffering
+    return out
 
 
 def _organ_and_best_other(
