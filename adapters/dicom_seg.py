@@ -33,10 +33,21 @@ from core.lesions import CONNECTIVITY, mask_box
 from core.pipeline import StudyResult
 from core.types import LabelId, lps_to_kji
 
-__all__ = ["lesion_instances", "write_lesion_seg"]
+__all__ = ["lesion_instances", "load_writer_tables", "write_lesion_seg"]
 
 _NS = uuid.UUID("3f9a6c1e-0b7d-4e55-8c1a-2d4e6f8a9b10")
 _MANUFACTURER = "Interval"
+
+
+def load_writer_tables() -> None:
+    """Load the tables of the DICOM standard that highdicom reads on its first SEG or SR of a process (which
+    attributes each module and IOD holds: a 0.2 s JSON parse on the benchmark machine, cached for the process's
+    life). A worker process calls this once at start, with its imports, so that its first study does not pay
+    it; later calls cost nothing. The tables are the same either way: nothing written changes."""
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map
+
+    get_module_attribute_map()
+    get_iod_module_map()
 
 
 def lesion_instances(result: StudyResult) -> dict[str, np.ndarray]:
