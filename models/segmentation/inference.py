@@ -49,6 +49,7 @@ from core.errors import ModelError
 from core.types import BoxKji, LabelId, Segmentation, Volume
 from models.segmentation.contract import BUILTIN_CONTRACT, ModelContract, ModelSource, source_from_settings
 from models.segmentation.loading import LoadedModel, load_model
+from models.segmentation.memory import keep_freed_memory
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -127,6 +128,7 @@ class MonaiSegmenter:
     ) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
+        keep_freed_memory()  # large blocks reused, not faulted in afresh by every network call (memory.py)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: LoadedModel = load_model(source or ModelSource("builtin", weights), self.device)
         self.net = self.model.net
