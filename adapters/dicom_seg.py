@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -28,32 +29,80 @@ from scipy import ndimage
 from adapters import fhir_codes as C
 from adapters.dicom_sr import sr_tracking_uid
 from core.errors import AnalysisError
-from core.lesions import label_lesions
+from core.lesions import CONNECTIVITY, mask_box
 from core.pipeline import StudyResult
 from core.types import LabelId, lps_to_kji
 
-__all__ = ["lesion_instances", "write_lesion_seg"]
+__all__ = ["lesion_instances", "load_writer_tables", "write_lesion_seg"]
 
 _NS = uuid.UUID("3f9a6c1e-0b7d-4e55-8c1a-2d4e6f8a9b10")
 _MANUFACTURER = "Interval"
 
 
+def load_writer_tables() -> None:
+    """Load the tables of the DICOM standard that highdicom reads on its first SEG or SR of a process (which
+    attributes each module and IOD holds: a 0.2 s JSON parse on the benchmark machine, cached for the process's
+    life). A worker process calls this once at start, with its imports, so that its first study does not pay
+    it; later calls cost nothing. The tables are the same either way: nothing written changes."""
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map
+
+    get_module_attribute_map()
+    get_iod_module_map()
+
+
 def lesion_instances(result: StudyResult) -> dict[str, np.ndarray]:
     """track id -> boolean mask ([k, j, i]) of each detected lesion."""
     components, chosen = _track_components(result)
-    return {track_id: components == label for track_id, label in chosen.items()}
+    out = {}
+    for track_id, label in chosen.items():
+        mask = np.zeros(components.shape, dtype=bool)
+        mask[components.box] = components.inside == label
+        out[track_id] = mask
+    return out
 
 
-def _track_components(result: StudyResult) -> tuple[np.ndarray, dict[str, int]]:
+@dataclass(frozen=True, slots=True)
+class _Components:
+    """The lesion label's connected components on a volume of ``shape``, labelled ``1..n`` inside ``box`` (the
+    bounding box of all lesion voxels; 0 elsewhere), so that no full-volume label array is made."""
+
+    shape: tuple[int, int, int]
+    box: tuple[slice, ...]
+    inside: np.ndarray
+    n: int
+
+    def at(self, k: int, j: int, i: int) -> int:
+        """The component at voxel ``(k, j, i)`` (0: background or outside the volume)."""
+        local = [v - s.start for v, s in zip((k, j, i), self.box, strict=True)]
+        if all(0 <= v < n for v, n in zip(local, self.inside.shape, strict=True)):
+            return int(self.inside[local[0], local[1], local[2]])
+        return 0
+
+    def centers(self) -> np.ndarray:
+        """Centre ``(k, j, i)`` of components ``1..n``, each computed inside its bounding box only."""
+        centers = np.full((self.n, 3), np.inf)
+        origin = np.array([s.start for s in self.box], dtype=float)
+        for index, box in enumerate(ndimage.find_objects(self.inside), start=1):
+            if box is not None:
+                offset = np.array([s.start for s in box], dtype=float) + origin
+                centers[index - 1] = np.argwhere(self.inside[box] == index).mean(axis=0) + offset
+        return centers
+
+
+def _track_components(result: StudyResult) -> tuple[_Components, dict[str, int]]:
     """The lesion label's connected components (26-connected, as ``core.lesions.extract_lesions`` measures
     them) and, per detected track, the component that holds its centroid (else the nearest component)."""
     seg = result.segmentation
     if seg is None:
         raise AnalysisError("the result holds no segmentation; a SEG cannot be written")
-    components, n = label_lesions(seg.labels == int(LabelId.LESION))
+    lesion = seg.labels == int(LabelId.LESION)
+    shape = (int(lesion.shape[0]), int(lesion.shape[1]), int(lesion.shape[2]))
+    box = mask_box(lesion)
     chosen: dict[str, int] = {}
-    if n == 0:
-        return components, chosen
+    if box is None:
+        return _Components(shape, tuple(slice(0, 0) for _ in shape), np.zeros((0, 0, 0), np.int32), 0), chosen
+    inside, n = ndimage.label(lesion[box], structure=CONNECTIVITY, output=np.int32)
+    components = _Components(shape, box, inside, int(n))
     centers: np.ndarray | None = None
     for t in result.lesions:
         if t.detected is None:
@@ -65,36 +114,27 @@ def _track_components(result: StudyResult) -> tuple[np.ndarray, dict[str, int]]:
             result.direction_lps,
         )[0]
         k, j, i = (int(np.rint(v)) for v in kji)
-        inside = (
-            0 <= k < components.shape[0] and 0 <= j < components.shape[1] and 0 <= i < components.shape[2]
-        )
-        label = int(components[k, j, i]) if inside else 0
+        label = components.at(k, j, i)
         if label == 0:
-            centers = _component_centers(components, n) if centers is None else centers
+            centers = components.centers() if centers is None else centers
             label = int(np.argmin(np.linalg.norm(centers - kji, axis=1))) + 1
         chosen[t.track_id] = label
     return components, chosen
 
 
-def _component_centers(components: np.ndarray, n: int) -> np.ndarray:
-    """Centre ``(k, j, i)`` of components ``1..n``, each computed inside its bounding box only."""
-    centers = np.full((n, 3), np.inf)
-    for index, box in enumerate(ndimage.find_objects(components), start=1):
-        if box is not None:
-            offset = np.array([s.start for s in box], dtype=float)
-            centers[index - 1] = np.argwhere(components[box] == index).mean(axis=0) + offset
-    return centers
-
-
-def _segment_pixels(components: np.ndarray, labels: list[int]) -> np.ndarray:
+def _segment_pixels(components: _Components, labels: list[int]) -> np.ndarray:
     """Segment ``n`` (1-based) is component ``labels[n - 1]``: a label map of segment numbers (``[k, j, i]``)
     when the segments are disjoint, else one binary plane stack per segment (``[k, j, i, n]``)."""
     if len(set(labels)) == len(labels) and len(labels) < 2**16:
-        lut = np.zeros(int(components.max()) + 1, dtype=np.uint8 if len(labels) < 256 else np.uint16)
+        lut = np.zeros(components.n + 1, dtype=np.uint8 if len(labels) < 256 else np.uint16)
         lut[labels] = np.arange(1, len(labels) + 1)
-        label_map: np.ndarray = lut[components]
+        label_map = np.zeros(components.shape, dtype=lut.dtype)
+        label_map[components.box] = lut[components.inside]
         return label_map
-    return np.stack([components == label for label in labels], axis=-1).astype(np.uint8)
+    planes = np.zeros((*components.shape, len(labels)), dtype=np.uint8)
+    for n, label in enumerate(labels):
+        planes[components.box][..., n] = components.inside == label
+    return planes
 
 
 def write_lesion_seg(result: StudyResult, source_images: Sequence[Dataset], out_path: Path) -> Path:

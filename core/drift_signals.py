@@ -289,7 +289,12 @@ def _eroded_in_box(
         slice(max(s.start - r, 0), min(s.stop + r, n))
         for s, r, n in zip(found, reach, labels.shape, strict=True)
     )
-    eroded: npt.NDArray[np.bool_] = ndimage.binary_erosion(labels[box] == label, structure=_INPLANE)
+    # binary erosion by the box (outside the array counts as background) is a minimum filter with 0 outside,
+    # which scipy runs axis by axis: half the time of ``binary_erosion`` on a 512 series' lung
+    inside = (labels[box] == label).view(np.uint8)
+    eroded: npt.NDArray[np.bool_] = ndimage.minimum_filter(
+        inside, size=_INPLANE.shape, mode="constant", cval=0
+    ).view(np.bool_)
     return box, eroded
 
 

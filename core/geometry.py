@@ -7,6 +7,8 @@ diameter d measures d within one pixel rather than d minus one pixel (centre-to-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
@@ -35,25 +37,74 @@ def _hull_points(mask2d: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
 
 
 def _longest_perpendicular_chord(poly_uv: npt.NDArray[np.float64]) -> float:
-    """Longest chord of a convex polygon (ordered vertices, u along the long axis) parallel to v."""
+    """Longest chord of a convex polygon (ordered vertices, u along the long axis) parallel to v, over 129
+    evenly spaced positions along u: at each, the spread of v where the polygon's edges cross it (both ends of
+    an edge that lies on it). All positions and edges at once; each value is computed as a loop would."""
     u = poly_uv[:, 0]
     v = poly_uv[:, 1]
-    us = np.linspace(u.min(), u.max(), 129)
-    best = 0.0
-    n = len(poly_uv)
-    for u0 in us:
-        vs: list[float] = []
-        for a in range(n):
-            b = (a + 1) % n
-            ua, ub = u[a], u[b]
-            if (ua - u0) * (ub - u0) <= 0 and ua != ub:
-                t = (u0 - ua) / (ub - ua)
-                vs.append(float(v[a] + t * (v[b] - v[a])))
-            elif ua == ub == u0:
-                vs.extend((float(v[a]), float(v[b])))
-        if len(vs) >= 2:
-            best = max(best, max(vs) - min(vs))
-    return best
+    u0 = np.linspace(u.min(), u.max(), 129)[:, None]
+    ua, ub = u[None, :], np.roll(u, -1)[None, :]
+    va, vb = v[None, :], np.roll(v, -1)[None, :]
+    crossing = ((ua - u0) * (ub - u0) <= 0) & (ua != ub)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (u0 - ua) / (ub - ua)
+    at = va + t * (vb - va)
+    on_edge = (ua == ub) & (ua == u0)  # an edge along v at this position: both its ends
+    hi = np.maximum(
+        np.where(crossing, at, -np.inf).max(axis=1),
+        np.where(on_edge, np.maximum(va, vb), -np.inf).max(axis=1),
+    )
+    lo = np.minimum(
+        np.where(crossing, at, np.inf).min(axis=1),
+        np.where(on_edge, np.minimum(va, vb), np.inf).min(axis=1),
+    )
+    counted = crossing.sum(axis=1) + 2 * on_edge.sum(axis=1) >= 2
+    return float(max(0.0, (hi - lo)[counted].max(initial=0.0)))
+
+
+@dataclass(frozen=True, slots=True)
+class _LongAxis:
+    """The long axis of one axial mask: its length, its ends (indices into ``pts``), the hull points in pixel
+    units (row, col) and in mm."""
+
+    long_mm: float
+    a: int
+    b: int
+    pts: npt.NDArray[np.float64]
+    mm: npt.NDArray[np.float64]
+
+    @property
+    def ends(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        pa, pb = self.pts[self.a], self.pts[self.b]
+        return ((float(pa[0]), float(pa[1])), (float(pb[0]), float(pb[1])))
+
+
+def _long_axis(
+    mask2d: npt.NDArray[np.bool_], row_spacing_mm: float, col_spacing_mm: float
+) -> _LongAxis | None:
+    """The longest distance (mm) between two hull points of a non-empty axial mask."""
+    pts = _hull_points(mask2d)
+    mm = pts * np.array([row_spacing_mm, col_spacing_mm])
+    if len(mm) < 2:
+        return None
+    d = np.linalg.norm(mm[:, None, :] - mm[None, :, :], axis=-1)
+    a, b = np.unravel_index(int(np.argmax(d)), d.shape)
+    return _LongAxis(float(d[a, b]), int(a), int(b), pts, mm)
+
+
+def _short_axis(axis: _LongAxis) -> float:
+    """The longest chord of the hull perpendicular to the long axis (mm), at most the long axis."""
+    mm, long_mm = axis.mm, axis.long_mm
+    if len(mm) < 3 or long_mm == 0.0:
+        return 0.0
+    direction = (mm[axis.b] - mm[axis.a]) / long_mm
+    perp = np.array([-direction[1], direction[0]])
+    uv = np.stack([(mm - mm[axis.a]) @ direction, (mm - mm[axis.a]) @ perp], axis=1)
+    try:
+        order = ConvexHull(uv).vertices
+    except QhullError:
+        return 0.0
+    return min(_longest_perpendicular_chord(uv[order]), long_mm)
 
 
 def slice_diameters(
@@ -65,41 +116,34 @@ def slice_diameters(
     """
     if not mask2d.any():
         return 0.0, 0.0, ((0.0, 0.0), (0.0, 0.0))
-    pts = _hull_points(mask2d)
-    scale = np.array([row_spacing_mm, col_spacing_mm])
-    mm = pts * scale
-    if len(mm) < 2:
+    axis = _long_axis(mask2d, row_spacing_mm, col_spacing_mm)
+    if axis is None:
+        pts = _hull_points(mask2d)
         return 0.0, 0.0, ((float(pts[0, 0]), float(pts[0, 1])),) * 2
-    d = np.linalg.norm(mm[:, None, :] - mm[None, :, :], axis=-1)
-    a, b = np.unravel_index(int(np.argmax(d)), d.shape)
-    long_mm = float(d[a, b])
-    ends = ((float(pts[a, 0]), float(pts[a, 1])), (float(pts[b, 0]), float(pts[b, 1])))
-    if len(mm) < 3 or long_mm == 0.0:
-        return long_mm, 0.0, ends
-    axis = (mm[b] - mm[a]) / long_mm
-    perp = np.array([-axis[1], axis[0]])
-    uv = np.stack([(mm - mm[a]) @ axis, (mm - mm[a]) @ perp], axis=1)
-    try:
-        order = ConvexHull(uv).vertices
-    except QhullError:
-        return long_mm, 0.0, ends
-    short_mm = min(_longest_perpendicular_chord(uv[order]), long_mm)
-    return long_mm, short_mm, ends
+    return axis.long_mm, _short_axis(axis), axis.ends
 
 
 def measure_mask(mask: npt.NDArray[np.bool_], spacing_kji_mm: tuple[float, float, float]) -> Measurement:
-    """RECIST measurement of one lesion given as a 3-D boolean mask on a ``[k, j, i]`` grid."""
+    """RECIST measurement of one lesion given as a 3-D boolean mask on a ``[k, j, i]`` grid.
+
+    The long axis is the longest over the axial slices (the first such slice on a tie); the short axis is
+    measured on that slice only, as ``slice_diameters`` would measure it there.
+    """
     if mask.ndim != 3:
         raise ValueError(f"mask must be 3-D, got {mask.ndim}-D")
     sz, sy, sx = spacing_kji_mm
     voxel_ml = sz * sy * sx / 1000.0
     volume_ml = float(mask.sum()) * voxel_ml
-    best = (0.0, 0.0, 0, ((0.0, 0.0), (0.0, 0.0)))
+    best: _LongAxis | None = None
+    k = 0
     for kk in np.flatnonzero(mask.any(axis=(1, 2))):
-        long_mm, short_mm, ends = slice_diameters(mask[kk], sy, sx)
-        if long_mm > best[0]:
-            best = (long_mm, short_mm, int(kk), ends)
-    long_mm, short_mm, k, ((r0, c0), (r1, c1)) = best
+        axis = _long_axis(mask[kk], sy, sx)
+        if axis is not None and axis.long_mm > (best.long_mm if best else 0.0):
+            best, k = axis, int(kk)
+    if best is None:
+        long_mm, short_mm, ((r0, c0), (r1, c1)) = 0.0, 0.0, ((0.0, 0.0), (0.0, 0.0))
+    else:
+        long_mm, short_mm, ((r0, c0), (r1, c1)) = best.long_mm, _short_axis(best), best.ends
     return Measurement(
         long_axis_mm=long_mm,
         short_axis_mm=short_mm,

@@ -200,6 +200,15 @@ def _one_thread_per_process(**_: Any) -> None:
         torch.set_num_threads(1)
 
 
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _load_dicom_tables(**_: Any) -> None:
+    """Each pool process reads the DICOM standard's tables for the SEG and SR writers once, at start, not
+    within its first study (``adapters.dicom_seg.load_writer_tables``; imported here, never in the API)."""
+    from adapters.dicom_seg import load_writer_tables
+
+    load_writer_tables()
+
+
 @after_setup_logger.connect  # type: ignore[untyped-decorator]
 def _no_urls_in_logs(**_: Any) -> None:
     """httpx logs every request's URL at INFO; a search URL can hold a patient identifier."""

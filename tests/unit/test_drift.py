@@ -272,3 +272,22 @@ def test_header_and_output_signals():
         "verifier_replacements": 1.0,
     }
     assert output_signals([], None) == {"lesion_count": 0.0, "lesion_volume_ml": 0.0}
+
+
+def test_in_box_erosion_equals_scipy_binary_erosion_of_the_whole_volume():
+    from scipy import ndimage
+
+    from core.drift_signals import _INPLANE, _eroded_in_box
+
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        shape = (int(rng.integers(1, 6)), int(rng.integers(3, 40)), int(rng.integers(3, 40)))
+        noise = ndimage.gaussian_filter(rng.standard_normal(shape), sigma=float(rng.uniform(0.5, 3.0)))
+        labels = np.digitize(noise, np.quantile(noise, [0.3, 0.6, 0.9])).astype(np.uint8)
+        boxes = ndimage.find_objects(labels)
+        for label in (1, 2, 3):
+            box, eroded = _eroded_in_box(labels, label, boxes)
+            whole = ndimage.binary_erosion(labels == label, structure=_INPLANE)
+            assert eroded.dtype == np.bool_
+            assert np.array_equal(whole[box], eroded)
+            assert int(whole.sum()) == int(eroded.sum())

@@ -145,3 +145,17 @@ def test_an_explained_lesions_saliency_is_kept_with_the_stored_analysis(tmp_path
     assert (ReusingSegmenter(_Counting(), tmp_path).segment(vol).labels == LabelId.LESION).all()
     with pytest.raises(InputError, match="not the same series"):
         save_saliency(tmp_path, "1.2.3", np.zeros((4, 8, 9), np.float32))
+
+
+def test_organ_and_best_other_equal_argmax_and_max_over_the_other_classes_ties_included():
+    from models.segmentation.inference import _organ_and_best_other, _take_nearest
+
+    rng = np.random.default_rng(3)
+    prob = np.round(rng.random((4, 6, 7, 8)), 1).astype(np.float32)  # rounded: many ties
+    others = [c for c in range(4) if c != LabelId.LESION]
+    organ, best = _organ_and_best_other(prob)
+    assert organ.dtype == np.uint8
+    assert np.array_equal(organ, np.asarray(others, np.uint8)[prob[others].argmax(axis=0)])
+    assert np.array_equal(best, prob[others].max(axis=0))
+    index = [rng.integers(0, n, size=m) for n, m in zip(prob.shape[1:], (9, 5, 11), strict=True)]
+    assert np.array_equal(_take_nearest(prob[0], index), prob[0][np.ix_(*index)])
