@@ -49,7 +49,6 @@ __all__ = [
     "stated_directions",
     "sum_changes_pct",
     "verify_draft",
-    "words_pattern",
 ]
 
 
@@ -140,15 +139,15 @@ DIRECTION_WORDS: dict[Change, tuple[str, ...]] = {
 }
 
 
-def words_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
+def _words_pattern(words: tuple[str, ...]) -> re.Pattern[str]:
     """A case-blind pattern for whole words (``stem*``: the stem with any ending)."""
     alternatives = [re.escape(w[:-1]) + r"\w*" if w.endswith("*") else re.escape(w) for w in words]
     return re.compile(r"\b(" + "|".join(alternatives) + r")\b", re.I)
 
 
-_SITES = {organ: words_pattern(words) for organ, words in SITE_WORDS.items()}
-_SIDES = {side: words_pattern(words) for side, words in SIDE_WORDS.items()}
-_DIRECTIONS = {change: words_pattern(words) for change, words in DIRECTION_WORDS.items()}
+_SITES = {organ: _words_pattern(words) for organ, words in SITE_WORDS.items()}
+_SIDES = {side: _words_pattern(words) for side, words in SIDE_WORDS.items()}
+_DIRECTIONS = {change: _words_pattern(words) for change, words in DIRECTION_WORDS.items()}
 _CATEGORIES: dict[Response, re.Pattern[str]] = {
     Response.CR: re.compile(r"\bcomplete response\b|\(CR\)|\bCR\b"),
     Response.PR: re.compile(r"\bpartial response\b|\bPR\b", re.I),

@@ -99,7 +99,7 @@ class GuidedLogits(LogitsProcessor):
 
     def __init__(self, table: TokenTable, guide: DraftGuide, tokenizer: Any, prompt_length: int) -> None:
         self.table, self.guide, self.tokenizer, self.start = table, guide, tokenizer, prompt_length
-        self.steps = self.constrained = 0
+        self.steps = self.steered = 0  # steps seen; steps where the choice differed from the model's first
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         text = self.tokenizer.decode(input_ids[0, self.start :], skip_special_tokens=True)
@@ -115,5 +115,5 @@ class GuidedLogits(LogitsProcessor):
                 guided[:, ids] = -torch.inf
         if not torch.isfinite(guided).any():
             return scores
-        self.constrained += int(not torch.equal(guided.argmax(-1), scores.argmax(-1)))
+        self.steered += int(not torch.equal(guided.argmax(-1), scores.argmax(-1)))
         return guided  # type: ignore[return-value]

@@ -95,7 +95,7 @@ class LlmDrafter:
             logits_processor=processors,
         )
         new = out[0, inputs["input_ids"].shape[1] :]
-        steered = processors[0].constrained if guide is not None else 0
+        steered = processors[0].steered if guide is not None else 0
         return self.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0]), steered
 
     @property
