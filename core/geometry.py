@@ -79,14 +79,12 @@ class _LongAxis:
         return ((float(pa[0]), float(pa[1])), (float(pb[0]), float(pb[1])))
 
 
-def _long_axis(
-    mask2d: npt.NDArray[np.bool_], row_spacing_mm: float, col_spacing_mm: float
-) -> _LongAxis | None:
-    """The longest distance (mm) between two hull points of a non-empty axial mask."""
+def _long_axis(mask2d: npt.NDArray[np.bool_], row_spacing_mm: float, col_spacing_mm: float) -> _LongAxis:
+    """The longest distance (mm) between two hull points of a non-empty axial mask (0 for a single point)."""
     pts = _hull_points(mask2d)
     mm = pts * np.array([row_spacing_mm, col_spacing_mm])
     if len(mm) < 2:
-        return None
+        return _LongAxis(0.0, 0, 0, pts, mm)
     d = np.linalg.norm(mm[:, None, :] - mm[None, :, :], axis=-1)
     a, b = np.unravel_index(int(np.argmax(d)), d.shape)
     return _LongAxis(float(d[a, b]), int(a), int(b), pts, mm)
@@ -117,9 +115,6 @@ def slice_diameters(
     if not mask2d.any():
         return 0.0, 0.0, ((0.0, 0.0), (0.0, 0.0))
     axis = _long_axis(mask2d, row_spacing_mm, col_spacing_mm)
-    if axis is None:
-        pts = _hull_points(mask2d)
-        return 0.0, 0.0, ((float(pts[0, 0]), float(pts[0, 1])),) * 2
     return axis.long_mm, _short_axis(axis), axis.ends
 
 
@@ -138,7 +133,7 @@ def measure_mask(mask: npt.NDArray[np.bool_], spacing_kji_mm: tuple[float, float
     k = 0
     for kk in np.flatnonzero(mask.any(axis=(1, 2))):
         axis = _long_axis(mask[kk], sy, sx)
-        if axis is not None and axis.long_mm > (best.long_mm if best else 0.0):
+        if axis.long_mm > (best.long_mm if best else 0.0):
             best, k = axis, int(kk)
     if best is None:
         long_mm, short_mm, ((r0, c0), (r1, c1)) = 0.0, 0.0, ((0.0, 0.0), (0.0, 0.0))
