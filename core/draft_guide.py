@@ -142,22 +142,17 @@ class DraftGuide:
         Before that, a direction it states ("New ...") narrows the lesions it can be about, and an organ or
         side that none of those has is not allowed ("New liver lesion" when the new lesion is in the lung).
         """
+        about = named or [f for f in self.facts.lesions if f.change in stated_directions(sentence)]
+        if not about:
+            return frozenset(), frozenset()
+        organs = {f.organ.value for f in about}
+        sides = {f.laterality for f in about}
+        banned = {f"site:{o.value}" for o in SITE_WORDS if o.value not in organs}
+        banned |= {f"side:{s}" for s in SIDE_WORDS if s not in sides}
         if not named:
-            stated = stated_directions(sentence)
-            about = [f for f in self.facts.lesions if f.change in stated]
-            if not about:
-                return frozenset(), frozenset()
-            organs = {f.organ.value for f in about}
-            sides = {f.laterality for f in about}
-            banned = {f"site:{o.value}" for o in SITE_WORDS if o.value not in organs}
-            banned |= {f"side:{s}" for s in SIDE_WORDS if s not in sides}
             return frozenset(banned), frozenset()
         changes = {f.change for f in named}
-        organs = {f.organ.value for f in named}
-        sides = {f.laterality for f in named}
-        banned = {f"direction:{c.value}" for c in DIRECTION_WORDS if c not in changes}
-        banned |= {f"site:{o.value}" for o in SITE_WORDS if o.value not in organs}
-        banned |= {f"side:{s}" for s in SIDE_WORDS if s not in sides}
+        banned |= {f"direction:{c.value}" for c in DIRECTION_WORDS if c not in changes}
         tail = " ".join(sentence.lower().split()[-3:])
         finishing = {
             phrase.rsplit(" ", 1)[1]

@@ -99,12 +99,11 @@ class GuidedLogits(LogitsProcessor):
 
     def __init__(self, table: TokenTable, guide: DraftGuide, tokenizer: Any, prompt_length: int) -> None:
         self.table, self.guide, self.tokenizer, self.start = table, guide, tokenizer, prompt_length
-        self.steps = self.steered = 0  # steps seen; steps where the choice differed from the model's first
+        self.steered = 0  # steps where the allowed choice differed from the model's first choice
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         text = self.tokenizer.decode(input_ids[0, self.start :], skip_special_tokens=True)
         banned, only_digits = self.table.banned(self.guide.at(text))
-        self.steps += 1
         if not banned and not only_digits:
             return scores
         guided = scores.clone()
