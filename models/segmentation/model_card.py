@@ -115,8 +115,9 @@ _DEMO_METRICS = (
 
 
 def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
-    """Does the audit find a subgroup the model never saw? The same recipe trained without one subgroup, and
-    the shipped model, audited on one cohort: that subgroup's row in each audit."""
+    """Does the audit find a subgroup the model never saw? The same recipe trained with and without one
+    subgroup (the first training leg, ``models/weights/stage1``), audited on one cohort: that subgroup's row in
+    each audit."""
     left_out: dict[str, str] = demo["train_config"]["left_out"]
     (attribute, value), *_ = left_out.items()
     used = len(demo["train_config"].get("patients_used", []))
@@ -125,14 +126,18 @@ def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
         "## Audit demonstration: a model trained without one subgroup",
         "",
         f"The same recipe (network, steps, seed) trained on {used} of the {total} training patients, without "
-        f"those with {attribute} = {value}, and the shipped model, both without site calibration, on one cohort "
+        f"those with {attribute} = {value}, and on all {total} (`models/weights/stage1`: the first leg of the "
+        "shipped model's training), both without site calibration, on one cohort "
         f"of {demo['cohort']}; `interval audit` on each. The {attribute} = {value} row of each audit (value, "
         "95% bootstrap CI over patients, gap to the other patients with its CI):",
         "",
         "| model | " + " | ".join(label for _, label, _ in _DEMO_METRICS) + " | flagged |",
         "|---|" + "---|" * (len(_DEMO_METRICS) + 1),
     ]
-    for name, result in (("trained without it", demo["left_out_audit"]), ("shipped", demo["shipped_audit"])):
+    for name, result in (
+        ("trained without it", demo["left_out_audit"]),
+        ("all patients", demo["all_patients_audit"]),
+    ):
         row = next(r for r in result["rows"] if r["attribute"] == attribute and r["value"] == value)
         cells = []
         for key, _, fmt in _DEMO_METRICS:
@@ -150,13 +155,29 @@ def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
             )
         flags = ", ".join(row["flags"]) or "no"
         lines.append(f"| {name} ({result.get('model_version', '')}) | " + " | ".join(cells) + f" | {flags} |")
-    for name, result in (("trained without it", demo["left_out_audit"]), ("shipped", demo["shipped_audit"])):
+    for name, result in (
+        ("trained without it", demo["left_out_audit"]),
+        ("all patients", demo["all_patients_audit"]),
+    ):
         flagged = "; ".join(
             f"{f['attribute']}={f['value']} ({', '.join(f['metrics'])})" for f in result["flagged"]
         )
         lines.append(f"- Everything the audit flagged, model {name}: {flagged or 'nothing'}.")
     lines.append("")
     return lines
+
+
+def _legs(train_config: dict[str, Any]) -> list[str]:
+    """Where a second training leg started: the first leg's weights, named by path, hash and step."""
+    start = train_config.get("init_from")
+    if not start:
+        return []
+    last = max((int(run.get("stopped_at_step", 0)) for run in train_config.get("runs", [])), default=0)
+    return [
+        f"- Two training legs: the first ({start['step']} steps, `{start['path']}`, sha256 {start['sha256']}; its "
+        f"own train_config.json beside it), then {last} steps of the recipe above from its weights with a fresh "
+        f"optimizer and schedule."
+    ]
 
 
 def render_model_card(
@@ -205,7 +226,10 @@ def render_model_card(
         f"- MONAI UNet, channels {net['channels']}, strides {net['strides']}, {net['num_res_units']} residual "
         f"unit(s); loss {train_config['loss']}; optimizer {train_config['optimizer']}; patch "
         f"{train_config['patch']}, batch {train_config['batch']}; sampling {train_config['sampling']}; "
-        f"seed {train_config['seed']}. Hardware: {train_config.get('hardware', 'not recorded')}.",
+        f"seed {train_config['seed']}"
+        + (f"; augmentation: {train_config['augment']}" if "augment" in train_config else "")
+        + f". Hardware: {train_config.get('hardware', 'not recorded')}.",
+        *_legs(train_config),
         "",
         "## Performance per vendor (held-out synthetic patients)",
         "",
@@ -285,9 +309,9 @@ def _read_demo(folder: Path) -> dict[str, Any] | None:
     files = {
         "train_config": folder / "train_config.json",
         "left_out_audit": folder / "audit_left_out.json",
-        "shipped_audit": folder / "audit_shipped.json",
+        "all_patients_audit": folder / "audit_all_patients.json",
         "left_out_validation": folder / "validation_left_out.json",
-        "shipped_validation": folder / "validation_shipped.json",
+        "all_patients_validation": folder / "validation_all_patients.json",
     }
     if not all(p.is_file() for p in files.values()):
         return None
@@ -297,7 +321,7 @@ def _read_demo(folder: Path) -> dict[str, Any] | None:
         key: json.loads((folder / name).read_text())
         for key, name in (
             ("left_out_audit", "validation_left_out.json"),
-            ("shipped_audit", "validation_shipped.json"),
+            ("all_patients_audit", "validation_all_patients.json"),
         )
     }
     for key, validation in validations.items():

@@ -5,6 +5,12 @@
 ``--leave-out ATTRIBUTE=VALUE`` (repeatable) trains without the patients whose ``patient.json`` has that value
 (e.g. ``body_size=large``): the subgroup audit's demonstration model (``models/weights/subgroup_demo``).
 
+The shipped model is trained in two legs (``make weights``): 3000 steps on 28 patients
+(``models/weights/stage1``), then ``--init-from`` that checkpoint with a fresh optimizer and schedule on
+twice the patients (``--cohort`` is repeatable), lesion patches centred on a uniformly drawn lesion
+(``--lesion-sampling instance``: small lesions are drawn as often as large ones) and a random in-plane
+blur of some patches (``--blur-augment``: reconstruction kernels differ by vendor).
+
 Writes ``segmenter.pt`` (weights + network config + preprocessing id), ``train_config.json`` and
 ``train_log.jsonl``; a checkpoint (``checkpoint.pt``: model, optimizer, step, RNG states) is saved
 every ``--save-every`` steps, and a rerun with the same ``--out`` resumes from it. Training stops at
@@ -14,15 +20,18 @@ every ``--save-every`` steps, and a rerun with the same ``--out`` resumes from i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.losses.dice import DiceCELoss
+from scipy import ndimage
 
 from adapters.dicom_series import load_study
 from core.types import LabelId
@@ -54,24 +63,50 @@ def _patients(cohort: Path, leave_out: dict[str, str]) -> list[Path]:
     return kept
 
 
-def _load_cases(patients: list[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
+@dataclass(frozen=True, slots=True)
+class Case:
+    image: np.ndarray  # encoded channels, float16
+    labels: np.ndarray  # uint8 label map
+    lesions: list[np.ndarray]  # flat voxel indices of each lesion instance
+
+
+def _load_cases(patients: list[Path]) -> list[Case]:
     cases = []
     for tp_dir in (t for p in patients for t in sorted(p.glob("t*"))):
         if not (tp_dir / "dicom").is_dir():
             continue
         vol = load_study(tp_dir / "dicom")
-        labels = np.load(tp_dir / "truth_labels.npz")["labels"]
-        cases.append((encode_hu(vol.voxels_hu).astype(np.float16), labels.astype(np.uint8)))
+        truth = np.load(tp_dir / "truth_labels.npz")
+        inside = np.flatnonzero(truth["instances"])
+        ids = truth["instances"].ravel()[inside]
+        lesions = [inside[ids == i] for i in np.unique(ids)]
+        cases.append(
+            Case(encode_hu(vol.voxels_hu).astype(np.float16), truth["labels"].astype(np.uint8), lesions)
+        )
     return cases
 
 
-def _sample(rng: np.random.Generator, img: np.ndarray, lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _merged_cohort_meta(cohorts: list[Path]) -> dict[str, object]:
+    """One cohort description for cohorts generated with the same options (e.g. patients 0-27 and 28-55)."""
+    metas = [json.loads((c / "cohort.json").read_text()) for c in cohorts]
+    if any(m["options"] != metas[0]["options"] for m in metas[1:]):
+        raise SystemExit("--cohort: the cohorts were generated with different options; train on one recipe")
+    return {**metas[0], "patients": sorted({p for m in metas for p in m["patients"]})}
+
+
+def _sample(
+    rng: np.random.Generator, case: Case, by_instance: bool, blur_p: float
+) -> tuple[np.ndarray, np.ndarray]:
+    img, lab = case.image, case.labels
     _, nz, ny, nx = img.shape
     pz, py, px = (min(p, s) for p, s in zip(PATCH, (nz, ny, nx), strict=True))
     r = rng.random()
     want = LabelId.LESION if r < 0.6 else (LabelId.LIVER if r < 0.75 else None)
     center = None
-    if want is not None:
+    if want == LabelId.LESION and by_instance and case.lesions:
+        voxels = case.lesions[int(rng.integers(0, len(case.lesions)))]
+        center = np.unravel_index(int(voxels[rng.integers(0, voxels.size)]), lab.shape)
+    elif want is not None:
         idx = np.flatnonzero(lab.ravel() == want)
         if idx.size:
             center = np.unravel_index(int(idx[rng.integers(0, idx.size)]), lab.shape)
@@ -84,6 +119,8 @@ def _sample(rng: np.random.Generator, img: np.ndarray, lab: np.ndarray) -> tuple
     sl = tuple(slice(s, s + p) for s, p in zip(starts, (pz, py, px), strict=True))
     x = img[(slice(None), *sl)].astype(np.float32)
     y = lab[sl]
+    if rng.random() < blur_p:  # a softer reconstruction kernel than the patient's scanner
+        x = ndimage.gaussian_filter(x, sigma=(0, 0, *([float(rng.uniform(0.3, 1.0))] * 2)))
     # intensity augmentation: calibration offset, contrast, noise, as vendors differ
     x = x * rng.uniform(0.93, 1.07) + rng.uniform(-0.03, 0.03)
     x = x + rng.normal(0, rng.uniform(0.0, 0.04), x.shape).astype(np.float32)
@@ -97,7 +134,7 @@ def _pad(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cohort", type=Path, required=True)
+    ap.add_argument("--cohort", type=Path, action="append", required=True, help="repeatable")
     ap.add_argument("--out", type=Path, default=Path("models/weights"))
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--minutes", type=float, default=20.0)
@@ -105,6 +142,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument(
+        "--init-from",
+        type=Path,
+        help="start from these weights (a checkpoint.pt) with a new optimizer and schedule, "
+        "unless --out holds a checkpoint to resume",
+    )
+    ap.add_argument("--lesion-sampling", choices=("voxel", "instance"), default="voxel")
+    ap.add_argument("--blur-augment", type=float, default=0.0, metavar="P", help="share of blurred patches")
     ap.add_argument(
         "--leave-out",
         action="append",
@@ -114,9 +159,14 @@ def main() -> None:
     )
     args = ap.parse_args()
     leave_out = _leave_out(args.leave_out)
-    patients = _patients(args.cohort, leave_out)
+    patients = [p for c in args.cohort for p in _patients(c, leave_out)]
     if not patients:
         raise SystemExit(f"no patients left in {args.cohort} after --leave-out {leave_out}")
+    lesion_share = (
+        "lesion-centred (a uniformly drawn lesion)"
+        if args.lesion_sampling == "instance"
+        else ("lesion-centred")
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -127,18 +177,25 @@ def main() -> None:
         "batch": args.batch,
         "lr": args.lr,
         "seed": args.seed,
-        "cohort": str(args.cohort),
-        "cohort_meta": json.loads((args.cohort / "cohort.json").read_text()),
+        "cohort": " + ".join(str(c) for c in args.cohort),
+        "cohort_meta": _merged_cohort_meta(args.cohort),
         "loss": "DiceCE(softmax, include_background=False)",
         "optimizer": "AdamW(wd=1e-4), cosine",
-        "sampling": "60% lesion-centred, 15% liver-centred, 25% uniform",
+        "sampling": f"60% {lesion_share}, 15% liver-centred, 25% uniform",
         "encoding": "encode_hu/v1",
     }
+    if args.blur_augment:
+        config["augment"] = (
+            f"in-plane Gaussian blur (sigma 0.3-1.0 voxel) on {args.blur_augment:.0%} of patches"
+        )
     if leave_out:
         config["left_out"] = leave_out
         config["patients_used"] = [p.name for p in patients]
     cfg_path = args.out / "train_config.json"
-    runs = json.loads(cfg_path.read_text()).get("runs", []) if cfg_path.exists() else []
+    previous = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    runs = previous.get("runs", [])
+    if "init_from" in previous:  # a resumed second leg keeps the record of where it started
+        config["init_from"] = previous["init_from"]
     runs.append(
         {"max_steps": args.steps, "max_minutes": args.minutes, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     )
@@ -164,6 +221,13 @@ def main() -> None:
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
+    elif args.init_from is not None:
+        start = torch.load(args.init_from, weights_only=False)
+        net.load_state_dict(start["model"])
+        digest = hashlib.sha256(args.init_from.read_bytes()).hexdigest()[:12]
+        config["init_from"] = {"path": str(args.init_from), "sha256": digest, "step": int(start["step"])}
+        cfg_path.write_text(json.dumps(config, indent=1))
+        print(f"initialised from {args.init_from} (step {start['step']})", flush=True)
     t_load = time.time()
     cases = _load_cases(patients)
     print(f"{len(cases)} volumes loaded in {time.time() - t_load:.0f} s", flush=True)
@@ -197,8 +261,8 @@ def main() -> None:
     while step < args.steps and (time.time() - t0) < args.minutes * 60:
         xs, ys = [], []
         for _ in range(args.batch):
-            img, lab = cases[int(rng.integers(0, len(cases)))]
-            x, y = _pad(*_sample(rng, img, lab))
+            case = cases[int(rng.integers(0, len(cases)))]
+            x, y = _pad(*_sample(rng, case, args.lesion_sampling == "instance", args.blur_augment))
             xs.append(x)
             ys.append(y[None])
         x_t = torch.from_numpy(np.stack(xs))
