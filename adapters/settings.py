@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     match_gate_mm: float = _ANALYSIS.gate_mm
     new_lesion_min_mm: float = _ANALYSIS.new_lesion_min_mm
     new_lesion_min_probability: float = _ANALYSIS.new_lesion_min_probability
+    new_lesion_min_axis_ratio: float = _ANALYSIS.new_lesion_min_axis_ratio
     guided_search: bool = _ANALYSIS.guided_search
     retrospective_check: bool = _ANALYSIS.retrospective_check
     irecist: bool = _ANALYSIS.irecist
@@ -244,6 +245,7 @@ class Settings(BaseSettings):
             gate_mm=self.match_gate_mm,
             new_lesion_min_mm=self.new_lesion_min_mm,
             new_lesion_min_probability=self.new_lesion_min_probability,
+            new_lesion_min_axis_ratio=self.new_lesion_min_axis_ratio,
             guided_search=self.guided_search,
             retrospective_check=self.retrospective_check,
             irecist=self.irecist,

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 
 from core.irecist import IRecistState
-from core.recist import RecistResult
+from core.recist import RecistResult, is_unequivocal_new
 from core.types import Organ, PriorTimePoint, RecistRole
 
 __all__ = [
@@ -172,7 +172,12 @@ def finding_sentence(f: LesionFact) -> str:
     )
     when = f" on {_date(f.prior_date)}" if f.prior_date else ""
     if f.change is Change.NEW and f.equivocal:
-        return f"Small new {site}{kind} {f.label} measures {cur}, equivocal; attention on follow-up."
+        small = (
+            f.long_axis_mm is not None
+            and f.short_axis_mm is not None
+            and not is_unequivocal_new(f.organ, f.long_axis_mm, f.short_axis_mm)
+        )
+        return f"{'Small new' if small else 'New'} {site}{kind} {f.label} measures {cur}, equivocal; attention on follow-up."
     if f.change is Change.NEW:
         return f"New {site}{kind} {f.label} measures {cur}."
     if f.change is Change.RESOLVED:
@@ -218,7 +223,7 @@ def render_report(facts: ReportFacts) -> ReportText:
         doubtful = [f.label for f in facts.lesions if f.change is Change.NEW and f.equivocal]
         if doubtful:
             impression_parts.append(
-                f"Equivocal small new finding(s) {', '.join(doubtful)}, not counted as progression; "
+                f"Equivocal new finding(s) {', '.join(doubtful)}, not counted as progression; "
                 "follow-up advised."
             )
         if r.current_sum_mm is not None and r.change_from_baseline_pct is not None:

@@ -175,3 +175,54 @@ def test_what_the_ingest_tolerated_reaches_the_result_warnings(small_patient, tm
         segmenter=TruthSegmenter(small_patient.folder),
     )
     assert any(w.startswith("ingest: kept one image of 1 identical duplicate") for w in result.warnings)
+
+
+class _NewFinding(TruthSegmenter):
+    """The truth, plus one new lung finding of ``size_mm`` (k, j, i) painted on the follow-up only."""
+
+    def __init__(self, patient, size_mm: tuple[float, float, float]) -> None:
+        super().__init__(patient.folder)
+        follow = json.loads((patient.folder / patient.time_points[-1] / "truth.json").read_text())
+        self.follow_uid = follow["study_uid"]
+        self.size_mm = size_mm
+
+    def segment(self, volume):
+        from scipy import ndimage
+
+        from core.types import LabelId, Segmentation
+
+        seg = super().segment(volume)
+        if volume.acquisition.study_uid != self.follow_uid:
+            return seg
+        labels = seg.labels.copy()
+        depth = ndimage.distance_transform_edt(labels == LabelId.LUNG, sampling=volume.spacing_kji_mm)
+        centre = np.unravel_index(int(np.argmax(depth)), labels.shape)  # deep inside a lung
+        half = [max(1, round(s / sp / 2)) for s, sp in zip(self.size_mm, volume.spacing_kji_mm, strict=True)]
+        labels[tuple(slice(c - h, c + h) for c, h in zip(centre, half, strict=True))] = LabelId.LESION
+        return Segmentation(labels, (labels == LabelId.LESION).astype(np.float32))
+
+
+def _new_findings(patient, size_mm):
+    folder = patient.folder
+    result = analyze_study(
+        str(folder / patient.time_points[-1] / "dicom"),
+        images=FolderImageSource([folder]),
+        priors=BundlePriorStore(folder / "priors.json"),
+        segmenter=_NewFinding(patient, size_mm),
+    )
+    return result, [t for t in result.lesions if t.prior is None]
+
+
+def test_a_band_like_new_finding_is_equivocal_and_a_round_one_is_progression(demo_patient):
+    band, (finding,) = _new_findings(demo_patient, (5.0, 5.0, 30.0))  # 30 x 5 mm in plane
+    assert finding.detected is not None
+    m = finding.detected.measurement
+    assert m.long_axis_mm >= 25 and m.short_axis_mm < 0.5 * m.long_axis_mm
+    assert finding.equivocal and band.recist is not None and band.recist.category.value != "PD"
+    assert f"New right lung lesion {finding.label}" in band.report.findings or (
+        f"New left lung lesion {finding.label}" in band.report.findings
+    )  # not "small": it is 30 mm long
+    assert "Equivocal new finding(s)" in band.report.impression
+    round_, (finding,) = _new_findings(demo_patient, (14.0, 14.0, 14.0))
+    assert not finding.equivocal
+    assert round_.recist is not None and round_.recist.category.value == "PD"
