@@ -136,7 +136,7 @@ def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
     ]
     for name, result in (
         ("trained without it", demo["left_out_audit"]),
-        ("all patients", demo["all_patients_audit"]),
+        ("trained on all patients", demo["all_patients_audit"]),
     ):
         row = next(r for r in result["rows"] if r["attribute"] == attribute and r["value"] == value)
         cells = []
@@ -157,7 +157,7 @@ def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} ({result.get('model_version', '')}) | " + " | ".join(cells) + f" | {flags} |")
     for name, result in (
         ("trained without it", demo["left_out_audit"]),
-        ("all patients", demo["all_patients_audit"]),
+        ("trained on all patients", demo["all_patients_audit"]),
     ):
         flagged = "; ".join(
             f"{f['attribute']}={f['value']} ({', '.join(f['metrics'])})" for f in result["flagged"]
