@@ -119,7 +119,9 @@ def _sample(
     sl = tuple(slice(s, s + p) for s, p in zip(starts, (pz, py, px), strict=True))
     x = img[(slice(None), *sl)].astype(np.float32)
     y = lab[sl]
-    if rng.random() < blur_p:  # a softer reconstruction kernel than the patient's scanner
+    # a softer reconstruction kernel than the patient's scanner; no draw without it, so that the first leg's
+    # random stream (and its weights) are those of the recipe before this option
+    if blur_p > 0 and rng.random() < blur_p:
         x = ndimage.gaussian_filter(x, sigma=(0, 0, *([float(rng.uniform(0.3, 1.0))] * 2)))
     # intensity augmentation: calibration offset, contrast, noise, as vendors differ
     x = x * rng.uniform(0.93, 1.07) + rng.uniform(-0.03, 0.03)
