@@ -26,6 +26,7 @@ from core.lesions import LesionFilter, extract_lesions, guided_search
 from core.matching import GATE_MM, MatchResult, find_splits_and_merges, match_lesions
 from core.ports import AugmentingSegmenter, ImageSource, PriorStore, ReportDrafter, Segmenter
 from core.recist import (
+    NEW_LESION_MIN_AXIS_RATIO,
     NEW_LESION_MIN_MM,
     CurrentStatus,
     RecistResult,
@@ -60,10 +61,9 @@ class AnalysisSettings:
     gate_mm: float = GATE_MM
     new_lesion_min_mm: float = NEW_LESION_MIN_MM  # smaller new findings are equivocal, not PD
     new_lesion_min_probability: float = 0.8  # less certain new findings are equivocal, not PD
-    # a band-like new finding (short axis under this share of the long axis; nodes excepted, they are oval
-    # and judged by their short axis) is equivocal, not PD: partial volume at an organ's edge, atelectasis,
-    # a scar or a vessel are likelier than a new metastasis, which grows round
-    new_lesion_min_axis_ratio: float = 0.5
+    new_lesion_min_axis_ratio: float = (
+        NEW_LESION_MIN_AXIS_RATIO  # band-like new findings are equivocal, not PD
+    )
     guided_search: bool = True  # look again, at a lower threshold, where a missed prior lesion should be
     irecist: bool = False  # also assess iRECIST (progression confirmed at the next time point)
     remeasure_priors: bool = False  # segment the prior images too and measure prior lesions the same way
@@ -501,13 +501,13 @@ def _compare(
         equivocal = (
             not (
                 is_unequivocal_new(
-                    det.organ, meas.long_axis_mm, meas.short_axis_mm, settings.new_lesion_min_mm
+                    det.organ,
+                    meas.long_axis_mm,
+                    meas.short_axis_mm,
+                    settings.new_lesion_min_mm,
+                    settings.new_lesion_min_axis_ratio,
                 )
                 and det.probability >= settings.new_lesion_min_probability
-                and (
-                    det.organ.is_nodal
-                    or meas.short_axis_mm >= settings.new_lesion_min_axis_ratio * meas.long_axis_mm
-                )
             )
             # a prior of this organ had no position: "new" cannot be told from "not matched"
             or det.organ in unlocated_organs
@@ -545,7 +545,11 @@ def _compare(
         if tid not in baseline_ids
         and current[tid].status is CurrentStatus.MEASURED
         and is_unequivocal_new(
-            f.organ, current[tid].long_axis_mm, current[tid].short_axis_mm, settings.new_lesion_min_mm
+            f.organ,
+            current[tid].long_axis_mm,
+            current[tid].short_axis_mm,
+            settings.new_lesion_min_mm,
+            settings.new_lesion_min_axis_ratio,
         )
     ]
     history = assess_history(tps)

@@ -18,7 +18,9 @@ Rules implemented exactly as written there:
 - Overall response: Table 1 (target disease) or Table 2 (non-target disease only); any
   unequivocal new lesion is PD. RECIST leaves "unequivocal" to the reader and names small size as
   the usual reason for doubt; Interval's rule (``is_unequivocal_new``) is a new lesion of at least
-  10 mm (long axis; short axis for nodes, below which a node is normal). Smaller new findings are
+  10 mm (long axis; short axis for nodes, below which a node is normal) that, outside the nodes, is not
+  band-like (short axis at least half the long axis: a metastasis grows round; a band is more often
+  atelectasis, a scar, a vessel or partial volume at an organ's edge). Other new findings are
   reported as equivocal and followed; if a later study confirms them, they count then.
 
 Every result carries its rule trace: plain sentences with the numbers that decided it.
@@ -54,6 +56,7 @@ PR_DECREASE = 0.30
 PD_INCREASE = 0.20
 PD_ABSOLUTE_MM = 5.0
 NEW_LESION_MIN_MM = 10.0
+NEW_LESION_MIN_AXIS_RATIO = 0.5  # a new non-nodal finding narrower than this (short / long axis) is band-like
 
 
 class Response(enum.StrEnum):
@@ -137,10 +140,17 @@ def _diameter(lesion: MeasuredLesion) -> float:
 
 
 def is_unequivocal_new(
-    organ: Organ, long_axis_mm: float, short_axis_mm: float, min_mm: float = NEW_LESION_MIN_MM
+    organ: Organ,
+    long_axis_mm: float,
+    short_axis_mm: float,
+    min_mm: float = NEW_LESION_MIN_MM,
+    min_axis_ratio: float = NEW_LESION_MIN_AXIS_RATIO,
 ) -> bool:
-    """Whether a new lesion is large enough to call progression (see the module docstring)."""
-    return (short_axis_mm if organ.is_nodal else long_axis_mm) >= min_mm
+    """Whether a new lesion is large enough, and outside the nodes round enough, to call progression (see the
+    module docstring). Nodes are oval and judged by their short axis alone."""
+    if organ.is_nodal:
+        return short_axis_mm >= min_mm
+    return long_axis_mm >= min_mm and short_axis_mm >= min_axis_ratio * long_axis_mm
 
 
 def is_measurable(lesion: MeasuredLesion) -> bool:

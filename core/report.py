@@ -175,7 +175,9 @@ def finding_sentence(f: LesionFact) -> str:
         small = (
             f.long_axis_mm is not None
             and f.short_axis_mm is not None
-            and not is_unequivocal_new(f.organ, f.long_axis_mm, f.short_axis_mm)
+            and not is_unequivocal_new(
+                f.organ, f.long_axis_mm, f.short_axis_mm, min_axis_ratio=0.0
+            )  # size only
         )
         return f"{'Small new' if small else 'New'} {site}{kind} {f.label} measures {cur}, equivocal; attention on follow-up."
     if f.change is Change.NEW:

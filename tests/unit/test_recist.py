@@ -147,6 +147,16 @@ def test_new_lesions_under_10_mm_are_equivocal():
     assert is_unequivocal_new(Organ.LYMPH_NODE, 14.0, 10.0)
 
 
+def test_band_like_new_findings_outside_the_nodes_are_equivocal():
+    from core.recist import is_unequivocal_new
+
+    assert not is_unequivocal_new(Organ.LUNG, 30.0, 5.0)  # a band: atelectasis, scar, a vessel
+    assert not is_unequivocal_new(Organ.LIVER, 20.0, 9.9)
+    assert is_unequivocal_new(Organ.LIVER, 20.0, 10.0)
+    assert is_unequivocal_new(Organ.LYMPH_NODE, 30.0, 10.0)  # nodes are oval: judged by the short axis
+    assert is_unequivocal_new(Organ.LUNG, 30.0, 5.0, min_axis_ratio=0.0)  # the size rule alone
+
+
 def test_the_nadir_stays_the_smallest_sum_after_an_increase():
     # sums: baseline 50, then 40 (nadir), then 44 (an increase that is not PD); now 47.5 mm:
     # +18.75% over the nadir of 40 (not over 44): SD; at 48 mm it is +20% and +8 mm: PD
