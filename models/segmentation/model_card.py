@@ -114,6 +114,10 @@ _DEMO_METRICS = (
 )
 
 
+# the audit demonstration's two models: file key (``audit_<key>.json``, ``validation_<key>.json``), name
+_DEMO_MODELS = (("left_out", "trained without it"), ("all_patients", "trained on all patients"))
+
+
 def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
     """Does the audit find a subgroup the model never saw? The same recipe trained with and without one
     subgroup (the first training leg, ``models/weights/stage1``), audited on one cohort: that subgroup's row in
@@ -134,10 +138,7 @@ def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
         "| model | " + " | ".join(label for _, label, _ in _DEMO_METRICS) + " | flagged |",
         "|---|" + "---|" * (len(_DEMO_METRICS) + 1),
     ]
-    for name, result in (
-        ("trained without it", demo["left_out_audit"]),
-        ("trained on all patients", demo["all_patients_audit"]),
-    ):
+    for name, result in ((name, demo["audits"][key]) for key, name in _DEMO_MODELS):
         row = next(r for r in result["rows"] if r["attribute"] == attribute and r["value"] == value)
         cells = []
         for key, _, fmt in _DEMO_METRICS:
@@ -155,10 +156,7 @@ def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
             )
         flags = ", ".join(row["flags"]) or "no"
         lines.append(f"| {name} ({result.get('model_version', '')}) | " + " | ".join(cells) + f" | {flags} |")
-    for name, result in (
-        ("trained without it", demo["left_out_audit"]),
-        ("trained on all patients", demo["all_patients_audit"]),
-    ):
+    for name, result in ((name, demo["audits"][key]) for key, name in _DEMO_MODELS):
         flagged = "; ".join(
             f"{f['attribute']}={f['value']} ({', '.join(f['metrics'])})" for f in result["flagged"]
         )
@@ -306,29 +304,25 @@ def render_model_card(
 
 
 def _read_demo(folder: Path) -> dict[str, Any] | None:
+    """``make audit-demo``'s files: each model's validation records and audit (the audit stamped with the
+    validation's model version), and the left-out model's training config; None until all are there."""
+    config = folder / "train_config.json"
     files = {
-        "train_config": folder / "train_config.json",
-        "left_out_audit": folder / "audit_left_out.json",
-        "all_patients_audit": folder / "audit_all_patients.json",
-        "left_out_validation": folder / "validation_left_out.json",
-        "all_patients_validation": folder / "validation_all_patients.json",
+        key: (folder / f"validation_{key}.json", folder / f"audit_{key}.json") for key, _ in _DEMO_MODELS
     }
-    if not all(p.is_file() for p in files.values()):
+    if not config.is_file() or not all(p.is_file() for pair in files.values() for p in pair):
         return None
-    demo: dict[str, Any] = {k: json.loads(p.read_text()) for k, p in files.items() if "validation" not in k}
-    cohort = demo["left_out_audit"].get("cohort", "")
-    validations = {
-        key: json.loads((folder / name).read_text())
-        for key, name in (
-            ("left_out_audit", "validation_left_out.json"),
-            ("all_patients_audit", "validation_all_patients.json"),
-        )
+    validations = {key: json.loads(v.read_text()) for key, (v, _) in files.items()}
+    audits = {key: json.loads(a.read_text()) for key, (_, a) in files.items()}
+    for key, audit in audits.items():
+        audit.setdefault("model_version", validations[key]["model_version"])
+    n_patients = len({r["patient"] for r in validations["left_out"]["studies"]})
+    cohort = audits["left_out"].get("cohort", "")
+    return {
+        "train_config": json.loads(config.read_text()),
+        "audits": audits,
+        "cohort": f"{n_patients} generated patients of the seen vendors (`{cohort}`)",
     }
-    for key, validation in validations.items():
-        demo[key].setdefault("model_version", validation["model_version"])
-    n_patients = len({r["patient"] for r in validations["left_out_audit"]["studies"]})
-    demo["cohort"] = f"{n_patients} generated patients of the seen vendors (`{cohort}`)"
-    return demo
 
 
 def main() -> None:

@@ -77,13 +77,16 @@ def _load_cases(patients: list[Path]) -> list[Case]:
             continue
         vol = load_study(tp_dir / "dicom")
         truth = np.load(tp_dir / "truth_labels.npz")
-        inside = np.flatnonzero(truth["instances"])
-        ids = truth["instances"].ravel()[inside]
-        lesions = [inside[ids == i] for i in np.unique(ids)]
-        cases.append(
-            Case(encode_hu(vol.voxels_hu).astype(np.float16), truth["labels"].astype(np.uint8), lesions)
-        )
+        image = encode_hu(vol.voxels_hu).astype(np.float16)
+        cases.append(Case(image, truth["labels"].astype(np.uint8), lesion_voxels(truth["instances"])))
     return cases
+
+
+def lesion_voxels(instances: np.ndarray) -> list[np.ndarray]:
+    """The flat voxel indices of each lesion of an instance map (0: no lesion), by instance number."""
+    inside = np.flatnonzero(instances)
+    ids = instances.ravel()[inside]
+    return [inside[ids == i] for i in np.unique(ids)]
 
 
 def _merged_cohort_meta(cohorts: list[Path]) -> dict[str, object]:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from core.types import LabelId
-from models.segmentation.train import PATCH, Case, _merged_cohort_meta, _sample
+from models.segmentation.train import PATCH, Case, _merged_cohort_meta, _sample, lesion_voxels
 
 
-def _two_lesion_case() -> tuple[Case, np.ndarray]:
+def _two_lesion_case() -> Case:
     """A large lesion on the left and a 2x2x2 one on the right, further apart than a patch is wide."""
     shape = (PATCH[0], 120, 400)
     labels = np.zeros(shape, np.uint8)
@@ -19,16 +20,12 @@ def _two_lesion_case() -> tuple[Case, np.ndarray]:
     instances[14:34, 40:80, 30:70] = 1  # 32,000 voxels
     instances[23:25, 59:61, 349:351] = 2  # 8 voxels
     labels[instances > 0] = LabelId.LESION
-    inside = np.flatnonzero(instances)
-    ids = instances.ravel()[inside]
-    lesions = [inside[ids == i] for i in (1, 2)]
-    image = np.zeros((2, *shape), np.float16)
-    return Case(image, labels, lesions), instances
+    return Case(np.zeros((2, *shape), np.float16), labels, lesion_voxels(instances))
 
 
 def _small_lesion_share(by_instance: bool, draws: int = 400) -> float:
     """Share of patches that hold the small lesion (1-8 lesion voxels: no patch reaches both lesions)."""
-    case, _ = _two_lesion_case()
+    case = _two_lesion_case()
     rng = np.random.default_rng(0)
     hits = 0
     for _ in range(draws):
@@ -46,7 +43,7 @@ def test_instance_sampling_draws_a_small_lesion_as_often_as_a_large_one():
 
 
 def test_blur_augmentation_softens_the_image_and_keeps_the_labels():
-    case, _ = _two_lesion_case()
+    case = _two_lesion_case()
     rng_img = np.random.default_rng(1)
     noisy = rng_img.normal(0, 1, case.image.shape).astype(np.float16)
     case = Case(noisy, case.labels, case.lesions)
@@ -59,7 +56,7 @@ def test_blur_augmentation_softens_the_image_and_keeps_the_labels():
 def test_cohorts_made_with_one_recipe_merge_and_different_recipes_are_refused(tmp_path):
     options = {"seed": 101, "vendors": ["ge"], "min_time_points": 2}
 
-    def cohort(name: str, patients: list[str], opts: dict[str, object]) -> object:
+    def cohort(name: str, patients: list[str], opts: dict[str, object]) -> Path:
         folder = tmp_path / name
         folder.mkdir()
         (folder / "cohort.json").write_text(json.dumps({"seed": 101, "options": opts, "patients": patients}))
@@ -67,9 +64,9 @@ def test_cohorts_made_with_one_recipe_merge_and_different_recipes_are_refused(tm
 
     a = cohort("a", ["P0", "P1"], options)
     b = cohort("b", ["P2"], options)
-    merged = _merged_cohort_meta([a, b])  # type: ignore[list-item]
+    merged = _merged_cohort_meta([a, b])
     assert merged["patients"] == ["P0", "P1", "P2"]
     assert merged["options"] == options
     c = cohort("c", ["P3"], {**options, "vendors": ["uih"]})
     with pytest.raises(SystemExit, match="different options"):
-        _merged_cohort_meta([a, c])  # type: ignore[list-item]
+        _merged_cohort_meta([a, c])
