@@ -15,6 +15,7 @@ from core.types import DetectedLesion, LabelId, Organ, Segmentation, Volume
 __all__ = [
     "CONNECTIVITY",
     "LesionFilter",
+    "contrast_search",
     "extract_lesions",
     "guided_search",
     "label_lesions",
@@ -189,6 +190,100 @@ def guided_search(
     comp = best[1]
     hit = _place(volume, comp, lo, organ, float(seg.lesion_probability[box][comp].mean()))
     return hit if hit.measurement.long_axis_mm >= min_long_axis_mm else None
+
+
+_ORGAN_LABEL = {Organ.LIVER: LabelId.LIVER, Organ.LUNG: LabelId.LUNG}
+
+
+@dataclass(frozen=True, slots=True)
+class ContrastSearch:
+    """The image-contrast second look (``contrast_search``): where to look, how strong the contrast must be."""
+
+    radius_mm: float = 12.0  # around the prior lesion's aligned position
+    context_mm: float = 30.0  # the organ around it that sets the background level and its noise
+    smooth_mm: float = 1.0  # Gaussian sigma before thresholding, in plane (one voxel across slices at most)
+    seed_sd: float = 4.0  # seed voxels differ from the background by this many noise SDs (after smoothing)
+    min_contrast_hu: float = 25.0  # and by at least this many HU
+    min_seed_voxels: int = 3
+
+
+def contrast_search(
+    volume: Volume,
+    seg: Segmentation,
+    expected_lps_mm: tuple[float, float, float],
+    organ: Organ,
+    avoid_lps_mm: list[tuple[float, float, float]],
+    params: ContrastSearch = ContrastSearch(),
+) -> DetectedLesion | None:
+    """Look for a known lesion by its contrast to the organ around it, where the model saw nothing.
+
+    A small lesion that shrank can fall under what the detector calls a lesion while it still stands out of its
+    organ clearly (a 6 mm liver metastasis 40 HU under the parenchyma at 15 HU of noise). Within ``radius_mm`` of
+    the prior lesion's aligned position, inside the organ as the model labels it (liver and lung only: a node
+    has no organ whose level could be its background), voxels whose smoothed value differs from the organ's
+    median around it by ``seed_sd`` robust SDs and ``min_contrast_hu`` seed a search, either darker or brighter;
+    the lesion is the seed component nearest the expected position (not another detected lesion), grown to the
+    half of its peak contrast (the edge of a blurred step) within the organ. None when nothing stands out.
+    """
+    label = _ORGAN_LABEL.get(organ)
+    if label is None:
+        return None
+    spacing = np.asarray(volume.spacing_kji_mm, dtype=float)
+    centre = np.asarray(volume.lps_to_kji(expected_lps_mm), dtype=float)
+    reach = np.ceil(params.context_mm / spacing).astype(int)
+    lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
+    hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, volume.shape)
+    if np.any(hi <= lo):
+        return None
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    inside = (seg.labels[box] == label) | (seg.labels[box] == LabelId.LESION)
+    if np.count_nonzero(inside) < 50:
+        return None
+    sigma = [
+        min(params.smooth_mm / spacing[0], 1.0),
+        params.smooth_mm / spacing[1],
+        params.smooth_mm / spacing[2],
+    ]
+    hu = ndimage.gaussian_filter(volume.voxels_hu[box].astype(np.float32), sigma)
+    # the organ proper: away from its edge, where partial volume with the neighbours would read as contrast
+    core_organ = ndimage.binary_erosion(inside, structure=np.ones((1, 3, 3), dtype=bool), iterations=2)
+    if np.count_nonzero(core_organ) < 50:
+        return None
+    values = hu[core_organ]
+    level = float(np.median(values))
+    noise = max(float(np.median(np.abs(values - level))) * 1.4826, 1.0)
+    grid = np.indices(hu.shape, dtype=float).transpose(1, 2, 3, 0) + lo
+    near = np.linalg.norm((grid - centre) * spacing, axis=-1) <= params.radius_mm
+    threshold = max(params.seed_sd * noise, params.min_contrast_hu)
+    best: tuple[float, npt.NDArray[np.bool_]] | None = None
+    for sign in (-1.0, 1.0):
+        contrast = sign * (hu - level)
+        seeds = (contrast >= threshold) & near & core_organ
+        comps, n = ndimage.label(seeds, structure=CONNECTIVITY)
+        for idx in range(1, n + 1):
+            seed = comps == idx
+            if np.count_nonzero(seed) < params.min_seed_voxels:
+                continue
+            peak = float(np.percentile(contrast[seed], 90))
+            grown, _ = ndimage.label((contrast >= peak / 2) & inside, structure=CONNECTIVITY)
+            parts = np.unique(grown[seed])
+            hit = np.isin(grown, parts[parts > 0])
+            if not hit.any():
+                continue
+            if np.count_nonzero(hit & ~near) > np.count_nonzero(hit & near):
+                continue  # most of it lies beyond the search: a larger structure, not this lesion
+            c_kji = np.argwhere(hit).mean(axis=0) + lo
+            c_lps = volume.kji_to_lps(c_kji)
+            if any(np.linalg.norm(c_lps - np.asarray(a)) < 5.0 for a in avoid_lps_mm):
+                continue
+            d = float(np.linalg.norm(c_lps - np.asarray(expected_lps_mm)))
+            if best is None or d < best[0]:
+                best = (d, hit)
+    if best is None:
+        return None
+    hit = best[1]
+    found = _place(volume, hit, [int(v) for v in lo], organ, float(seg.lesion_probability[box][hit].mean()))
+    return found if found.measurement.long_axis_mm >= LesionFilter().min_long_axis_mm else None
 
 
 def _vec(a: np.ndarray) -> tuple[float, float, float]:

@@ -22,7 +22,7 @@ from core.errors import AnalysisError, IntervalError
 from core.grounding import VerifiedDraft
 from core.history import TimePointAssessment, assess_history, baseline_roles
 from core.irecist import IRecistState, irecist_step
-from core.lesions import LesionFilter, extract_lesions, guided_search
+from core.lesions import LesionFilter, contrast_search, extract_lesions, guided_search
 from core.matching import GATE_MM, MatchResult, find_splits_and_merges, match_lesions
 from core.ports import AugmentingSegmenter, ImageSource, PriorStore, ReportDrafter, Segmenter
 from core.recist import (
@@ -65,6 +65,9 @@ class AnalysisSettings:
         NEW_LESION_MIN_AXIS_RATIO  # band-like new findings are equivocal, not PD
     )
     guided_search: bool = True  # look again, at a lower threshold, where a missed prior lesion should be
+    contrast_search: bool = (
+        True  # and then by its contrast to the organ (liver, lung), if the model saw nothing
+    )
     irecist: bool = False  # also assess iRECIST (progression confirmed at the next time point)
     remeasure_priors: bool = False  # segment the prior images too and measure prior lesions the same way
     retrospective_check: bool = True  # a "new" lesion the model also finds on the prior image is not new
@@ -85,7 +88,7 @@ class TrackedLesion:
     prior: PriorFinding | None
     prior_date: dt.date | None
     match_distance_mm: float | None = None
-    match_method: str | None = None  # "position", "site+size" (lower confidence) or None
+    match_method: str | None = None  # "position", "site+size" (lower confidence), a second look's, or None
     prior_remeasured: tuple[float, float] | None = (
         None  # (long, short) mm measured by Interval on the prior image
     )
@@ -440,7 +443,7 @@ def _compare(
         m = match_of.get(track_id)
         det = by_lesion[m.lesion_id] if m else None
         pos = by_track_moved[track_id].centroid_lps_mm
-        guided = False
+        second_look: str | None = None
         if (
             det is None
             and pos is not None
@@ -448,8 +451,12 @@ def _compare(
             and settings.guided_search
             and track_id not in merged_away
         ):
-            det = guided_search(volume, seg, pos, f.organ, [d.centroid_lps_mm for d in detected])
-            guided = det is not None
+            elsewhere = [d.centroid_lps_mm for d in detected]
+            det = guided_search(volume, seg, pos, f.organ, elsewhere)
+            second_look = "second look" if det is not None else None
+            if det is None and settings.contrast_search:
+                det = contrast_search(volume, seg, pos, f.organ, elsewhere)
+                second_look = "second look (image contrast)" if det is not None else None
         if det is not None:
             parts = [det, *(by_lesion[lid] for lid in fragments.get(track_id, ()))]
             obs = TrackObservation(  # RECIST 1.1: the diameters of a fragmented lesion are summed
@@ -483,9 +490,9 @@ def _compare(
                 prior=f,
                 prior_date=tp.study_date,
                 match_distance_mm=m.distance_mm if m else None,
-                match_method=m.method if m else ("second look" if guided else None),
+                match_method=m.method if m else second_look,
                 prior_remeasured=again,
-                guided=guided,
+                guided=second_look is not None,
             )
         )
     next_label = 1 + max(

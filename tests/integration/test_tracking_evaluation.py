@@ -47,15 +47,18 @@ def test_ground_truth_masks_give_exact_links_and_new_lesions(truth_run):
     assert overall["track_links"]["rate"] == 1.0, truth_run["rows"]
     if overall["new_lesion_recall"]["total"]:
         assert overall["new_lesion_recall"]["rate"] == 1.0, truth_run["rows"]
+    # all but the one node of the xfail below; the pixel-edge measurement before the sub-pixel outline also read
+    # a sum 31.4% under baseline as 29.3% under it (SD for PR): 4/6
+    assert overall["recist_agreement"]["agree"] >= 5, truth_run["rows"]
 
 
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "known defect (issue 4): core.geometry measures a rasterized lesion up to one pixel long (edge midpoints; "
-        "+0.3 to +1.4 mm on these 2.1 mm pixels), which flips categories at RECIST thresholds: here a new node of "
-        "9.3 mm short axis measures 10.2 mm (PD for SD), and a sum 31.4% under the baseline the EHR recorded "
-        "(40.1 mm) measures 29.3% under it (SD for PR)"
+        "known limit (issue 4): a lesion a few pixels across is measured to about 0.3 pixel (SD; core.geometry's "
+        "sub-pixel outline, no mean bias), and one here lands on a RECIST threshold: a new node of 9.34 mm short "
+        "axis is a 24-pixel raster at 2.08 mm pixels that reads 10.7 mm (PD for SD). The generator samples pixel "
+        "centres, so neither the mask nor the image holds what would tell it from a 10.7 mm node"
     ),
 )
 def test_ground_truth_masks_give_the_true_recist_category(truth_run):

@@ -1,6 +1,6 @@
-"""The measurement is the one the committed validation figures were made with: ``measure_mask`` (long axis on
-every slice, short axis on the chosen slice only, the chord search vectorised) against the slice-by-slice,
-loop-by-loop algorithm it replaced, kept here as the reference. Equal to the last bit, not approximately."""
+"""``measure_mask`` (long axis on every slice's outline, short axis on the chosen slice only, the chord search
+vectorised) against the slice-by-slice, loop-by-loop algorithm it replaced, kept here as the reference. Equal to
+the last bit, not approximately."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from core.geometry import _hull_points, _longest_perpendicular_chord, measure_mask, slice_diameters
+from core.geometry import _longest_perpendicular_chord, _outline_points, measure_mask, slice_diameters
 
 
 def reference_chord(poly_uv):
@@ -33,7 +33,7 @@ def reference_chord(poly_uv):
 def reference_slice(mask2d, sy, sx):
     if not mask2d.any():
         return 0.0, 0.0, ((0.0, 0.0), (0.0, 0.0))
-    pts = _hull_points(mask2d)
+    pts = _outline_points(mask2d)
     mm = pts * np.array([sy, sx])
     if len(mm) < 2:
         return 0.0, 0.0, ((float(pts[0, 0]), float(pts[0, 1])),) * 2

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from scipy import ndimage
 
-from core.lesions import LesionFilter, extract_lesions, guided_search
+from core.lesions import LesionFilter, contrast_search, extract_lesions, guided_search
 from core.types import LabelId, Organ, Segmentation, Volume
 
 
@@ -51,3 +53,51 @@ def test_guided_search_finds_a_faint_lesion_where_the_prior_was():
     assert guided_search(vol, seg, far, Organ.LIVER, avoid_lps_mm=[]) is None
     faint = Segmentation(labels, prob * 0.5)
     assert guided_search(vol, faint, expected, Organ.LIVER, avoid_lps_mm=[]) is None
+
+
+def _liver_volume(seed: int, lesion_hu: float | None, noise_hu: float = 15.0) -> tuple[Volume, Segmentation]:
+    """A liver (110 HU, noise of a CT's grain) filling most of a body, the model's label map calling all of it
+    liver and its lesion probability zero everywhere: what the model says of a lesion it does not see. With
+    ``lesion_hu``, a 7 mm lesion of that contrast sits at voxel (10, 30, 30)."""
+    rng = np.random.default_rng(seed)
+    hu = np.full((20, 64, 64), -1000.0, dtype=np.float32)
+    hu[:, 4:60, 4:60] = -90.0  # fat
+    hu[:, 8:56, 8:56] = 110.0
+    if lesion_hu is not None:
+        hu += _blob(hu.shape, (10, 30, 30), 3.5, lesion_hu)
+    noise = ndimage.gaussian_filter(rng.standard_normal(hu.shape), (0.0, 0.7, 0.7))
+    hu += (noise / noise.std() * noise_hu).astype(np.float32)
+    vol = Volume(hu, (2.0, 1.0, 1.0), (-32.0, -32.0, 0.0))
+    labels = np.zeros(vol.shape, np.uint8)
+    labels[:, 8:56, 8:56] = LabelId.LIVER
+    return vol, Segmentation(labels, np.zeros(vol.shape, np.float32))
+
+
+@pytest.mark.parametrize(
+    "lesion_hu", [-45.0, 45.0]
+)  # hypodense (portal venous) and hyperenhancing (arterial)
+def test_contrast_search_finds_a_lesion_the_model_missed_by_its_contrast(lesion_hu):
+    vol, seg = _liver_volume(0, lesion_hu)
+    expected = tuple(vol.kji_to_lps([10, 33, 34]))  # the prior's aligned position, a few mm off
+    hit = contrast_search(vol, seg, expected, Organ.LIVER, avoid_lps_mm=[])
+    assert hit is not None and hit.organ is Organ.LIVER
+    assert np.allclose(hit.centroid_lps_mm, vol.kji_to_lps([10, 30, 30]), atol=1.5)
+    assert abs(hit.measurement.long_axis_mm - 7.0) <= 1.5, hit.measurement
+    # someone else's lesion, or too far away to be this one
+    assert contrast_search(vol, seg, expected, Organ.LIVER, [tuple(vol.kji_to_lps([10, 30, 30]))]) is None
+    assert contrast_search(vol, seg, tuple(vol.kji_to_lps([10, 30, 50])), Organ.LIVER, []) is None
+    # a node has no organ around it to set the background: not searched
+    assert contrast_search(vol, seg, expected, Organ.LYMPH_NODE, []) is None
+
+
+def test_contrast_search_finds_nothing_where_the_lesion_resolved():
+    # noise alone must not come back as the lesion (a resolved lesion would be read as persisting): 40 livers
+    found = []
+    for seed in range(40):
+        vol, seg = _liver_volume(seed, None)
+        hit = contrast_search(vol, seg, tuple(vol.kji_to_lps([10, 30, 30])), Organ.LIVER, avoid_lps_mm=[])
+        found += [hit] if hit is not None else []
+    assert found == []
+    # nor a lesion too faint to tell from the noise (10 HU under 15 HU of noise)
+    vol, seg = _liver_volume(0, -10.0)
+    assert contrast_search(vol, seg, tuple(vol.kji_to_lps([10, 30, 30])), Organ.LIVER, []) is None
