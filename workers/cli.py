@@ -403,15 +403,22 @@ def evaluate_tracking_cmd(
             raise InputError(f"--segmenter must be 'truth' or 'model', got {segmenter!r}")
         result["segmenter"] = segmenter
         table = Table(title=f"Longitudinal validation ({segmenter} segmentation)")
-        for col in ("group", "track links", "new lesions >= 10 mm", "RECIST agreement"):
+        for col in (
+            "group",
+            "track links",
+            "new lesions >= 10 mm",
+            "RECIST agreement",
+            "second looks on a lesion",
+        ):
             table.add_column(col)
         for key, v in result["summary"].items():
-            t, n, r = v["track_links"], v["new_lesion_recall"], v["recist_agreement"]
+            t, n, r, g = v["track_links"], v["new_lesion_recall"], v["recist_agreement"], v["second_looks"]
             table.add_row(
                 key,
                 f"{t['correct']}/{t['total']} ({t['rate']})",
                 f"{n['found']}/{n['total']} ({n['rate']})",
                 f"{r['agree']}/{r['total']} ({r['rate']})",
+                f"{g['on_a_true_lesion']}/{g['total']}",
             )
         out_console.print(table)
         if out is not None:
@@ -532,7 +539,9 @@ def calibrate(
                 f"{cal.scanner}: HU offset {cal.hu_offset:+.1f}, smoothing {cal.smooth_sigma_mm} mm, lesion bias "
                 f"{cal.lesion_logit_bias:+.2f}; on its {f['studies']} studies found {f['before']['found']} -> "
                 f"{f['after']['found']} of {f['after']['total']}, FP/study {f['before']['false_positives_per_study']}"
-                f" -> {f['after']['false_positives_per_study']}; wrote {path}"
+                f" -> {f['after']['false_positives_per_study']}, median diameter error "
+                f"{f['before']['median_abs_diameter_error_mm']} -> {f['after']['median_abs_diameter_error_mm']} mm;"
+                f" wrote {path}"
             )
 
 

@@ -41,6 +41,12 @@ def test_a_site_calibration_is_fitted_written_and_applied_by_scanner_identity(tm
     before, after = cal["fitted"]["before"], cal["fitted"]["after"]
     assert after["found"] >= before["found"]  # never worse on the site's own studies
     assert after["false_positives_per_study"] <= max(0.5, before["false_positives_per_study"])
+    if (after["found"], after["false_positives_per_study"]) == (
+        before["found"],
+        before["false_positives_per_study"],
+    ):
+        # detection tied: the bias was chosen for the lesions' size (to 0.1 mm)
+        assert after["median_abs_diameter_error_mm"] <= before["median_abs_diameter_error_mm"] + 0.05
 
     out = tmp_path / "validation.json"
     checked = _interval(
