@@ -226,3 +226,55 @@ def test_a_band_like_new_finding_is_equivocal_and_a_round_one_is_progression(dem
     round_, (finding,) = _new_findings(demo_patient, (14.0, 14.0, 14.0))
     assert not finding.equivocal
     assert round_.recist is not None and round_.recist.category.value == "PD"
+
+
+class _MissedLesion(TruthSegmenter):
+    """The truth, except that on the follow-up one lesion is labelled as its organ with zero lesion probability:
+    what the model says of a lesion it does not see."""
+
+    def __init__(self, patient, instance: int, organ_label: int) -> None:
+        super().__init__(patient.folder)
+        follow = patient.folder / patient.time_points[-1]
+        self.follow_uid = json.loads((follow / "truth.json").read_text())["study_uid"]
+        self.instances = np.load(follow / "truth_labels.npz")["instances"]
+        self.instance, self.organ_label = instance, organ_label
+
+    def segment(self, volume):
+        from core.types import LabelId, Segmentation
+
+        seg = super().segment(volume)
+        if volume.acquisition.study_uid != self.follow_uid:
+            return seg
+        labels = seg.labels.copy()
+        labels[self.instances == self.instance] = self.organ_label
+        return Segmentation(labels, (labels == LabelId.LESION).astype(np.float32))
+
+
+def test_a_lesion_the_model_misses_is_found_again_by_its_contrast_at_its_prior_position(demo_patient):
+    from core.pipeline import AnalysisSettings
+    from core.types import LabelId
+
+    folder = demo_patient.folder
+    truth = json.loads((folder / demo_patient.time_points[-1] / "truth.json").read_text())
+    liver = [les for les in truth["lesions"] if les["present"] and les["organ"] == "liver"]
+    les = min(liver, key=lambda x: x["long_axis_mm"])
+    segmenter = _MissedLesion(demo_patient, les["instance"], LabelId.LIVER)
+
+    def run(settings):
+        result = analyze_study(
+            str(folder / demo_patient.time_points[-1] / "dicom"),
+            images=FolderImageSource([folder]),
+            priors=BundlePriorStore(folder / "priors.json"),
+            segmenter=segmenter,
+            settings=settings,
+        )
+        return next(t for t in result.lesions if t.track_id == les["track_id"])
+
+    found = run(AnalysisSettings())
+    assert found.status is CurrentStatus.MEASURED and found.guided
+    assert found.match_method == "second look (image contrast)"
+    assert found.detected is not None
+    assert abs(found.detected.measurement.long_axis_mm - les["long_axis_mm"]) <= 2.5, (
+        found.detected.measurement
+    )
+    assert run(AnalysisSettings(contrast_search=False)).status is CurrentStatus.ABSENT
