@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -146,6 +146,26 @@ def extract_lesions(
     return [replace(d, lesion_id=i + 1) for i, d in enumerate(out)]
 
 
+def _nearest_blob(
+    volume: Volume,
+    blobs: Iterable[npt.NDArray[np.bool_]],
+    start_kji: Sequence[int],
+    expected_lps_mm: tuple[float, float, float],
+    avoid_lps_mm: list[tuple[float, float, float]],
+) -> npt.NDArray[np.bool_] | None:
+    """Of blobs on a crop starting at ``start_kji``, the one whose centroid lies nearest the expected position (the
+    first on a tie), leaving out another detected lesion's (a centroid within 5 mm of one in ``avoid_lps_mm``)."""
+    best: tuple[float, npt.NDArray[np.bool_]] | None = None
+    for blob in blobs:
+        c_lps = volume.kji_to_lps(np.argwhere(blob).mean(axis=0) + np.asarray(start_kji, dtype=float))
+        if any(np.linalg.norm(c_lps - np.asarray(a)) < 5.0 for a in avoid_lps_mm):
+            continue
+        d = float(np.linalg.norm(c_lps - np.asarray(expected_lps_mm)))
+        if best is None or d < best[0]:
+            best = (d, blob)
+    return None if best is None else best[1]
+
+
 def guided_search(
     volume: Volume,
     seg: Segmentation,
@@ -175,19 +195,9 @@ def guided_search(
     dist_mm = np.linalg.norm((grid - centre) * np.asarray(volume.spacing_kji_mm), axis=-1)
     cand = (seg.lesion_probability[box] >= min_probability) & (dist_mm <= radius_mm)
     comps, n = ndimage.label(cand, structure=np.ones((3, 3, 3), dtype=bool))
-    best: tuple[float, np.ndarray] | None = None
-    for idx in range(1, n + 1):
-        comp = comps == idx
-        c_kji = np.argwhere(comp).mean(axis=0) + np.asarray(lo, dtype=float)
-        c_lps = volume.kji_to_lps(c_kji)
-        if any(np.linalg.norm(c_lps - np.asarray(a)) < 5.0 for a in avoid_lps_mm):
-            continue
-        d = float(np.linalg.norm(c_lps - np.asarray(expected_lps_mm)))
-        if best is None or d < best[0]:
-            best = (d, comp)
-    if best is None:
+    comp = _nearest_blob(volume, (comps == idx for idx in range(1, n + 1)), lo, expected_lps_mm, avoid_lps_mm)
+    if comp is None:
         return None
-    comp = best[1]
     hit = _place(volume, comp, lo, organ, float(seg.lesion_probability[box][comp].mean()))
     return hit if hit.measurement.long_axis_mm >= min_long_axis_mm else None
 
@@ -255,7 +265,7 @@ def contrast_search(
     grid = np.indices(hu.shape, dtype=float).transpose(1, 2, 3, 0) + lo
     near = np.linalg.norm((grid - centre) * spacing, axis=-1) <= params.radius_mm
     threshold = max(params.seed_sd * noise, params.min_contrast_hu)
-    best: tuple[float, npt.NDArray[np.bool_]] | None = None
+    blobs: list[npt.NDArray[np.bool_]] = []
     for sign in (-1.0, 1.0):
         contrast = sign * (hu - level)
         seeds = (contrast >= threshold) & near & core_organ
@@ -272,17 +282,12 @@ def contrast_search(
                 continue
             if np.count_nonzero(hit & ~near) > np.count_nonzero(hit & near):
                 continue  # most of it lies beyond the search: a larger structure, not this lesion
-            c_kji = np.argwhere(hit).mean(axis=0) + lo
-            c_lps = volume.kji_to_lps(c_kji)
-            if any(np.linalg.norm(c_lps - np.asarray(a)) < 5.0 for a in avoid_lps_mm):
-                continue
-            d = float(np.linalg.norm(c_lps - np.asarray(expected_lps_mm)))
-            if best is None or d < best[0]:
-                best = (d, hit)
-    if best is None:
+            blobs.append(hit)
+    start = [int(v) for v in lo]
+    lesion = _nearest_blob(volume, blobs, start, expected_lps_mm, avoid_lps_mm)
+    if lesion is None:
         return None
-    hit = best[1]
-    found = _place(volume, hit, [int(v) for v in lo], organ, float(seg.lesion_probability[box][hit].mean()))
+    found = _place(volume, lesion, start, organ, float(seg.lesion_probability[box][lesion].mean()))
     return found if found.measurement.long_axis_mm >= LesionFilter().min_long_axis_mm else None
 
 
