@@ -211,6 +211,15 @@ class IntervalDeployApp(Application):
         self.add_flow(seg_op, writer, {("seg_image", "seg_image")})
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak resident set (VmHWM of its memory map since exec): ``ru_maxrss`` from ``wait4`` also
+    counts the parent's resident set at the fork, whatever the child then uses."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-i", "--input", required=True)
@@ -247,6 +256,7 @@ def main() -> None:
         "torch": torch.__version__,
         "seg_files": [p.name for p in written],
         "seg_bytes": sum(p.stat().st_size for p in written),
+        "vm_hwm_mib": peak_rss_mib(),
     }
     args.report.write_text(json.dumps(report))
 

@@ -107,6 +107,15 @@ def floor(series: Path) -> dict[str, Any]:
     }
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak resident set (VmHWM of its memory map since exec): ``ru_maxrss`` from ``wait4`` also
+    counts the parent's resident set at the fork, whatever the child then uses."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def main() -> None:
     kind, series, out, report = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
     out.mkdir(parents=True, exist_ok=True)
@@ -120,6 +129,7 @@ def main() -> None:
         "import_s": round(T_IMPORTED - T_START, 3),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "vm_hwm_mib": peak_rss_mib(),
     }
     report.write_text(json.dumps(figures))
 

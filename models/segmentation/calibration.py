@@ -11,10 +11,11 @@ undoes the first two on the input and re-centres the third on the output:
 3. **lesion logit bias**: added to the lesion logit before the decision.
 
 Each is applied only when it helps on the site's labelled studies: the input adjustments (none; the HU offset; the
-offset and the noise harmonisation) are each combined with every bias, and the fit keeps the combination that
-finds the most lesions with at most ``max_fp_per_study`` false positives, then the fewest false positives, then
-the smallest median diameter error (the bias moves the lesion's edge: where detection ties, it fits the site's
-lesion size), then the smallest change. With nothing to gain it keeps the model as trained (an identity calibration, still recorded).
+offset and the noise harmonisation) are each combined with every bias (``choose``), and the fit keeps the combination
+that finds the most lesions with at most ``max_fp_per_study`` false positives (or, where the model as trained makes
+more, no more than it does), then the fewest false positives, then the smallest median diameter error (the bias moves
+the lesion's edge: where detection ties, it fits the site's lesion size), then the smallest change. With nothing to
+gain it keeps the model as trained (an identity calibration, still recorded).
 
 ``interval calibrate COHORT`` fits one per scanner (Manufacturer / ManufacturerModelName / StationName) found in
 the labelled studies and writes it to ``INTERVAL_CALIBRATION_DIR``; ``CalibratedSegmenter`` applies it to every
@@ -52,6 +53,7 @@ __all__ = [
     "SiteCalibration",
     "apply_intensity",
     "calibrated_segmenter",
+    "choose",
     "fit_site",
     "intensity_stats",
 ]
@@ -60,7 +62,7 @@ log = logging.getLogger(__name__)
 
 REFERENCE = Path(__file__).resolve().parent.parent / "weights" / "reference_intensity.json"
 SIGMAS_MM = (0.0, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)
-BIASES = tuple(round(b, 2) for b in np.arange(-2.0, 3.01, 0.25))
+BIASES = tuple(round(b, 2) for b in np.arange(-3.0, 3.01, 0.25))
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,24 @@ def _score(
     return found, total, fps / max(len(studies), 1), float(np.median(errors)) if errors else 0.0
 
 
+Scored = tuple[int, float, SiteCalibration, tuple[int, int, float, float]]  # simplicity, bias, option, score
+
+
+def choose(scored: Sequence[Scored], max_fp_per_study: float) -> Scored:
+    """The calibration to keep of those tried (``(simplicity, bias, option, (found, total, FP per study, median
+    diameter error))``, the model as trained among them at simplicity 0 and bias 0): the most lesions found with
+    false positives within ``max_fp_per_study`` or no more than the model as trained makes, then the fewest false
+    positives, then the closest diameters (to 0.1 mm: the bias moves the lesion's edge), then the smallest change."""
+    identity = next(e for e in scored if e[0] == 0 and e[1] == 0.0)
+    allowed_fp = max(max_fp_per_study, identity[3][2])
+
+    def rank(entry: Scored) -> tuple[float, ...]:
+        simplicity, bias, _, (found, _, fp, error) = entry
+        return (found, -fp, -round(error, 1), -abs(bias), -simplicity)
+
+    return max((e for e in scored if e[3][2] <= allowed_fp), key=rank)
+
+
 def fit_site(
     studies: list[tuple[Volume, dict[str, Any], np.ndarray, np.ndarray]],
     segmenter: MonaiSegmenter,
@@ -249,25 +269,13 @@ def fit_site(
         SiteCalibration(*name, hu_offset=round(offset, 1)),
         SiteCalibration(*name, hu_offset=round(offset, 1), smooth_sigma_mm=sigma),
     ]
-    before: tuple[int, int, float, float] | None = None
-    best: (
-        tuple[tuple[int, float, float, float, int], SiteCalibration, tuple[int, int, float, float]] | None
-    ) = None
+    scored: list[Scored] = []
     for simplicity, option in enumerate(options):
         probs = [segmenter.probabilities(apply_intensity(v, option)) for v, _, _, _ in studies]
-        for bias in BIASES:
-            found, total, fp, error = _score(probs, studies, bias, keep)
-            if simplicity == 0 and bias == 0.0:
-                before = (found, total, fp, error)
-            if fp > max_fp_per_study and bias != 0.0:
-                continue
-            # most lesions found, then fewest false positives, then the closest diameters (to 0.1 mm: the bias
-            # moves the lesion's edge), then the smallest change
-            rank = (found, -fp, -round(error, 1), -abs(bias), -simplicity)
-            if best is None or rank > best[0]:
-                best = (rank, replace(option, lesion_logit_bias=bias), (found, total, fp, error))
-    assert best is not None and before is not None
-    _, chosen, after = best
+        scored += [(simplicity, bias, option, _score(probs, studies, bias, keep)) for bias in BIASES]
+    before = next(score for simplicity, bias, _, score in scored if simplicity == 0 and bias == 0.0)
+    _, bias, option, after = choose(scored, max_fp_per_study)
+    chosen = replace(option, lesion_logit_bias=bias)
     stations = sorted({v.acquisition.station_name for v, _, _, _ in studies if v.acquisition})
     return replace(
         chosen,

@@ -17,6 +17,7 @@ from models.segmentation.calibration import (
     CalibrationRegistry,
     SiteCalibration,
     apply_intensity,
+    choose,
     intensity_stats,
 )
 from models.segmentation.inference import to_segmentation
@@ -187,3 +188,22 @@ def test_audit_flags_the_subgroup_served_worse_and_not_the_others():
     assert "| body_size | large |" in result["markdown"]
     again = StudyRecord.from_json(dataclasses.asdict(records[0]))
     assert again == records[0]
+
+
+def test_the_fit_trades_no_lesion_for_fewer_false_positives_and_lets_none_get_worse():
+    site = SiteCalibration("ACME", "CT", None)
+
+    def tried(bias, found, fp, error=1.0, simplicity=0):
+        return (simplicity, bias, site, (found, 28, fp, error))
+
+    # the model as trained makes 2.67 false positives per study here: a bias that keeps every lesion with 0.83 is
+    # kept although 0.83 is over the 0.5 target, and one that finds a lesion more with 3.0 is refused
+    identity = tried(0.0, 26, 2.67)
+    fewer = tried(-2.0, 26, 0.83)
+    assert choose([tried(1.0, 27, 3.0), identity, fewer], 0.5) is fewer
+    # within the target, a lesion more wins over fewer false positives; over it, never
+    quiet = tried(0.0, 26, 0.2)
+    assert choose([quiet, tried(0.5, 27, 0.5), tried(1.0, 28, 0.67)], 0.5)[1] == 0.5
+    # detection tied: the closest diameters, then the smallest change, then the simplest input adjustment
+    assert choose([quiet, tried(0.25, 26, 0.2, 0.6), tried(0.5, 26, 0.2, 0.6)], 0.5)[1] == 0.25
+    assert choose([quiet, tried(0.0, 26, 0.2, simplicity=1)], 0.5) is quiet
