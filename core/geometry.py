@@ -132,9 +132,11 @@ def _long_axis(mask2d: npt.NDArray[np.bool_], row_spacing_mm: float, col_spacing
     mm = pts * np.array([row_spacing_mm, col_spacing_mm])
     if len(mm) < 2:
         return _LongAxis(0.0, 0, 0, pts, mm)
-    d = np.linalg.norm(mm[:, None, :] - mm[None, :, :], axis=-1)
-    a, b = np.unravel_index(int(np.argmax(d)), d.shape)
-    return _LongAxis(float(d[a, b]), int(a), int(b), pts, mm)
+    dr = mm[:, None, 0] - mm[None, :, 0]
+    dc = mm[:, None, 1] - mm[None, :, 1]
+    squared = dr * dr + dc * dc  # the longest pair by squared length: no square root over every pair
+    a, b = np.unravel_index(int(np.argmax(squared)), squared.shape)
+    return _LongAxis(float(np.sqrt(squared[a, b])), int(a), int(b), pts, mm)
 
 
 def _short_axis(axis: _LongAxis) -> float:
