@@ -15,7 +15,7 @@ whose output does not have one channel per declared class, on the same grid, is 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,10 @@ def load_model(source: ModelSource, device: torch.device) -> LoadedModel:
         net = _bundle(source.path, device, source.describe())
     contract = source.contract()
     net = net.to(device).eval()
-    _probe(net, contract, device, source.describe())
+    # a user's network is tried on its declared window; the built-in UNet, fully convolutional and built here
+    # from its own config, on the smallest patch its downsampling allows (10 ms instead of 0.3 s at each load)
+    patch = _builtin_probe_patch(net) if source.kind == "builtin" else contract.roi_kji
+    _probe(net, contract, device, source.describe(), patch)
     return LoadedModel(net=net, contract=contract, version=source.version(), description=source.describe())
 
 
@@ -125,24 +128,33 @@ def _bundle_network(bundle: Path, config: Path, weights: Path, where: str) -> to
     return net
 
 
-def _probe(net: Any, contract: ModelContract, device: torch.device, where: str) -> None:
+def _builtin_probe_patch(net: Any) -> tuple[int, int, int]:
+    """A patch the built-in UNet takes: two voxels per axis at its deepest level."""
+    side = 2 * 2 ** len(getattr(net, "strides", (2, 2, 2)))
+    return (side, side, side)
+
+
+def _probe(
+    net: Any, contract: ModelContract, device: torch.device, where: str, patch_kji: Sequence[int]
+) -> None:
+    """Run the network once on a zero patch of ``patch_kji`` voxels; its channels, classes and shape must fit."""
     channels = len(contract.input_windows_hu)
-    x = torch.zeros((1, channels, *contract.roi_kji), device=device)
+    x = torch.zeros((1, channels, *patch_kji), device=device)
     try:
         with torch.inference_mode():
             y = net(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
         raise ModelError(
-            f"{where} fails on a {channels}-channel patch of {list(contract.roi_kji)} voxels (declared input "
+            f"{where} fails on a {channels}-channel patch of {list(patch_kji)} voxels (declared input "
             f"windows {len(contract.input_windows_hu)}, roi {list(contract.roi_kji)}): {_first_line(e)}"
         ) from None
     if isinstance(y, (tuple, list)):
         y = y[0]
-    expected = (1, len(contract.output_classes), *contract.roi_kji)
+    expected = (1, len(contract.output_classes), *patch_kji)
     if not isinstance(y, torch.Tensor) or tuple(y.shape) != expected:
         got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise ModelError(
-            f"{where} returns {got} for a patch of {list(contract.roi_kji)}; its declared output_classes "
+            f"{where} returns {got} for a patch of {list(patch_kji)}; its declared output_classes "
             f"{list(contract.output_classes)} need {expected}"
         )
 
