@@ -287,7 +287,10 @@ def render_model_card(
         "not performance on patients. A site must validate on its own labelled studies (`interval validate`) "
         "and calibrate (`interval calibrate`) before clinical use.",
         "- Lesions under 10 mm are often missed; a lesion that shrinks below that may be reported as absent "
-        "(a partial response read as complete): the reader must check resolved targets.",
+        "(a partial response read as complete). The pipeline looks again at a missed lesion's prior position (in "
+        "the model's output at a lower threshold, then by its contrast in the liver and lungs) and marks what it "
+        "finds so as faint; a small low-contrast lesion on thick or noisy slices still escapes both: the reader "
+        "must check resolved targets.",
         "- Targets missed on the held-out cohort: " + ("; ".join(misses) if misses else "none") + ".",
         "- Lymph nodes are found by context (not liver, not lung); node short axes are less accurate.",
         "",
