@@ -68,6 +68,8 @@ validate: setup
 	$(PY) -m fixtures.synth data/calib-uih 3 --seed 5150 --vendors uih --min-time-points 2 --max-time-points 2
 	$(PY) -m fixtures.synth data/test-uih 6 --seed 6160 --vendors uih --min-time-points 2 --max-time-points 2
 	OMP_NUM_THREADS=1 $(VENV)/bin/interval validate data/test --no-calibrated --out $(V)/held_out.json
+	OMP_NUM_THREADS=1 INTERVAL_SEGMENTER_WEIGHTS=models/weights/stage1/segmenter.pt $(VENV)/bin/interval validate \
+		data/test --no-calibrated --out models/weights/stage1/held_out.json
 	OMP_NUM_THREADS=1 $(VENV)/bin/interval calibrate data/calib --out-dir $(C)/all-vendors
 	OMP_NUM_THREADS=1 INTERVAL_CALIBRATION_DIR=$(C)/all-vendors $(VENV)/bin/interval validate data/test --out $(V)/held_out_calibrated.json
 	OMP_NUM_THREADS=1 $(VENV)/bin/interval validate data/test-uih --no-calibrated --out $(V)/unseen_uih.json
