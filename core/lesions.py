@@ -10,10 +10,12 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from core.geometry import measure_mask
+from core.recist import NEW_LESION_MIN_AXIS_RATIO
 from core.types import DetectedLesion, LabelId, Organ, Segmentation, Volume
 
 __all__ = [
     "CONNECTIVITY",
+    "ContrastSearch",
     "LesionFilter",
     "contrast_search",
     "extract_lesions",
@@ -215,6 +217,9 @@ class ContrastSearch:
     seed_sd: float = 4.0  # seed voxels differ from the background by this many noise SDs (after smoothing)
     min_contrast_hu: float = 25.0  # and by at least this many HU
     min_seed_voxels: int = 3
+    # narrower than this (short / long axis), what the growth found is a vessel or the pleura it ran into: refused,
+    # as a band-like new finding is not called a lesion (``core.recist.NEW_LESION_MIN_AXIS_RATIO``)
+    min_axis_ratio: float = NEW_LESION_MIN_AXIS_RATIO
 
 
 def contrast_search(
@@ -288,7 +293,13 @@ def contrast_search(
     if lesion is None:
         return None
     found = _place(volume, lesion, start, organ, float(seg.lesion_probability[box][lesion].mean()))
-    return found if found.measurement.long_axis_mm >= LesionFilter().min_long_axis_mm else None
+    m = found.measurement
+    if (
+        m.long_axis_mm < LesionFilter().min_long_axis_mm
+        or m.short_axis_mm < params.min_axis_ratio * m.long_axis_mm
+    ):
+        return None
+    return found
 
 
 def _vec(a: np.ndarray) -> tuple[float, float, float]:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from core.lesions import LesionFilter, contrast_search, extract_lesions, guided_search
+from core.lesions import ContrastSearch, LesionFilter, contrast_search, extract_lesions, guided_search
 from core.types import LabelId, Organ, Segmentation, Volume
 
 
@@ -101,3 +101,15 @@ def test_contrast_search_finds_nothing_where_the_lesion_resolved():
     # nor a lesion too faint to tell from the noise (10 HU under 15 HU of noise)
     vol, seg = _liver_volume(0, -10.0)
     assert contrast_search(vol, seg, tuple(vol.kji_to_lps([10, 30, 30])), Organ.LIVER, []) is None
+
+
+def test_contrast_search_refuses_a_band_it_grew_into():
+    # a vessel-like band of contrast (20 x 4 mm in plane) where the lesion was: not a lesion
+    vol, seg = _liver_volume(0, None)
+    band = np.zeros(vol.shape, np.float32)
+    band[9:12, 28:32, 20:40] = -60.0
+    vol = Volume(vol.voxels_hu + band, vol.spacing_kji_mm, vol.origin_lps_mm)
+    where = tuple(vol.kji_to_lps([10, 30, 30]))
+    assert contrast_search(vol, seg, where, Organ.LIVER, avoid_lps_mm=[]) is None
+    # it is the shape that refuses it: without the rule the band comes back
+    assert contrast_search(vol, seg, where, Organ.LIVER, [], ContrastSearch(min_axis_ratio=0.0)) is not None
