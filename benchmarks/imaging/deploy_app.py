@@ -69,6 +69,8 @@ from monai.transforms import (  # noqa: E402
 )
 from pydicom.sr.codedict import codes  # noqa: E402
 
+from benchmarks.imaging.rss import peak_rss_mib  # noqa: E402 (PYTHONPATH: the repository)
+
 torch.set_num_threads(1)
 T_IMPORTED = time.perf_counter()
 
@@ -209,15 +211,6 @@ class IntervalDeployApp(Application):
         self.add_flow(to_volume, seg_op, {("image", "image")})
         self.add_flow(selector, writer, {("study_selected_series_list", "study_selected_series_list")})
         self.add_flow(seg_op, writer, {("seg_image", "seg_image")})
-
-
-def peak_rss_mib() -> float:
-    """This process's own peak resident set (VmHWM of its memory map since exec): ``ru_maxrss`` from ``wait4`` also
-    counts the parent's resident set at the fork, whatever the child then uses."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from adapters.dicom_seg import load_writer_tables, write_lesion_seg  # noqa: E40
 from adapters.dicom_series import load_study, scan_folder  # noqa: E402
 from adapters.image_folder import FolderImageSource  # noqa: E402
 from adapters.prior_bundle import NoPriors  # noqa: E402
+from benchmarks.imaging.rss import peak_rss_mib  # noqa: E402
 from core.pipeline import analyze_study  # noqa: E402
 from models.segmentation.inference import OVERLAP, ROI_KJI, MonaiSegmenter, working_shape  # noqa: E402
 from models.segmentation.network import encode_hu  # noqa: E402
@@ -105,15 +106,6 @@ def floor(series: Path) -> dict[str, Any]:
         "working_kji": list(shape),
         "logits_shape": list(logits.shape),
     }
-
-
-def peak_rss_mib() -> float:
-    """This process's own peak resident set (VmHWM of its memory map since exec): ``ru_maxrss`` from ``wait4`` also
-    counts the parent's resident set at the fork, whatever the child then uses."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
 
 
 def main() -> None:
