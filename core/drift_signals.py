@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from core.lesions import mask_box
 from core.types import AcquisitionInfo, DetectedLesion, LabelId, Volume
 
 if TYPE_CHECKING:
@@ -226,7 +227,8 @@ def image_signals(
         values = _sample(hu[liver_box][liver], max_voxels)
         out["liver_hu_median"] = float(np.median(values))
         out["liver_hu_sd"] = float(np.std(values))
-        inner = _bounding_box(liver)
+        inner = mask_box(liver)
+        assert inner is not None  # at least 200 voxels
         box = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(liver_box, inner, strict=True))
         local = ndimage.uniform_filter(hu[box].astype(np.float64), size=(1, 3, 3), mode="nearest")
         residual = _sample((hu[box] - local)[liver[inner]], max_voxels)
@@ -273,15 +275,6 @@ def signals_of_result(result: StudyResult, unit: Unit) -> StudySignals:
 
 
 _INPLANE = np.ones((1, 5, 5), dtype=bool)  # erosion by two voxels in-plane
-
-
-def _bounding_box(mask: npt.NDArray[np.bool_]) -> tuple[slice, ...]:
-    """The bounding box of a non-empty mask (``ndimage.find_objects`` of it, from one projection per axis)."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
 
 
 def _eroded_in_box(

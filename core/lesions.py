@@ -93,13 +93,13 @@ CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # lesion voxels touching by a fac
 
 def mask_box(mask: npt.NDArray[np.bool_], margin: int = 0) -> tuple[slice, ...] | None:
     """The bounding box of ``mask``'s voxels widened by ``margin`` voxels (within the array); None when empty."""
-    where = np.unravel_index(np.flatnonzero(mask), mask.shape)
-    if where[0].size == 0:
-        return None
-    return tuple(
-        slice(max(int(a.min()) - margin, 0), min(int(a.max()) + 1 + margin, n))
-        for a, n in zip(where, mask.shape, strict=True)
-    )
+    box = []
+    for axis, n in enumerate(mask.shape):  # one projection per axis: no index array of every voxel
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, n)))
+    return tuple(box)
 
 
 def label_lesions(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int32], int]:
