@@ -27,6 +27,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from scipy import ndimage
 
 from adapters.dicom_series import load_study
 from core.types import LabelId
+from models.segmentation.mining import LESION_FLOOR, lesion_weights
 from models.segmentation.network import NetConfig, build_network, encode_hu
 
 PATCH = (48, 96, 96)
@@ -68,6 +70,7 @@ class Case:
     image: np.ndarray  # encoded channels, float16
     labels: np.ndarray  # uint8 label map
     lesions: list[np.ndarray]  # flat voxel indices of each lesion instance
+    key: str = ""  # "PATIENT/tN": the hard examples' name for it
 
 
 def _load_cases(patients: list[Path]) -> list[Case]:
@@ -78,7 +81,10 @@ def _load_cases(patients: list[Path]) -> list[Case]:
         vol = load_study(tp_dir / "dicom")
         truth = np.load(tp_dir / "truth_labels.npz")
         image = encode_hu(vol.voxels_hu).astype(np.float16)
-        cases.append(Case(image, truth["labels"].astype(np.uint8), lesion_voxels(truth["instances"])))
+        labels = truth["labels"].astype(np.uint8)
+        cases.append(
+            Case(image, labels, lesion_voxels(truth["instances"]), f"{tp_dir.parent.name}/{tp_dir.name}")
+        )
     return cases
 
 
@@ -100,19 +106,33 @@ def _merged_cohort_meta(cohorts: list[Path]) -> dict[str, object]:
 def _sample(
     rng: np.random.Generator, case: Case, by_instance: bool, blur_p: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    img, lab = case.image, case.labels
-    _, nz, ny, nx = img.shape
-    pz, py, px = (min(p, s) for p, s in zip(PATCH, (nz, ny, nx), strict=True))
+    lab = case.labels
     r = rng.random()
     want = LabelId.LESION if r < 0.6 else (LabelId.LIVER if r < 0.75 else None)
-    center = None
+    center: tuple[Any, ...] | None = None
     if want == LabelId.LESION and by_instance and case.lesions:
         voxels = case.lesions[int(rng.integers(0, len(case.lesions)))]
         center = np.unravel_index(int(voxels[rng.integers(0, voxels.size)]), lab.shape)
     elif want is not None:
-        idx = np.flatnonzero(lab.ravel() == want)
-        if idx.size:
-            center = np.unravel_index(int(idx[rng.integers(0, idx.size)]), lab.shape)
+        center = _voxel_of(rng, case, want)
+    return _crop(rng, case, center, blur_p)
+
+
+def _voxel_of(rng: np.random.Generator, case: Case, label: LabelId) -> tuple[int, ...] | None:
+    idx = np.flatnonzero(case.labels.ravel() == label)
+    if not idx.size:
+        return None
+    return tuple(int(c) for c in np.unravel_index(int(idx[rng.integers(0, idx.size)]), case.labels.shape))
+
+
+def _crop(
+    rng: np.random.Generator, case: Case, center: tuple[Any, ...] | None, blur_p: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The patch around ``center`` (a uniformly drawn voxel when None), jittered by up to a quarter patch,
+    with the recipe's augmentation."""
+    img, lab = case.image, case.labels
+    _, nz, ny, nx = img.shape
+    pz, py, px = (min(p, s) for p, s in zip(PATCH, (nz, ny, nx), strict=True))
     if center is None:
         center = (rng.integers(0, nz), rng.integers(0, ny), rng.integers(0, nx))
     starts = [
@@ -130,6 +150,62 @@ def _sample(
     x = x * rng.uniform(0.93, 1.07) + rng.uniform(-0.03, 0.03)
     x = x + rng.normal(0, rng.uniform(0.0, 0.04), x.shape).astype(np.float32)
     return x, y
+
+
+# Patch shares with hard examples: lesions drawn by their error, hard negatives, liver, uniform.
+HARD_SHARES = (0.55, 0.10, 0.15, 0.20)
+
+
+@dataclass(frozen=True, slots=True)
+class HardExamples:
+    """The mined errors (``models.segmentation.mining``) laid over the loaded cases."""
+
+    lesion_case: np.ndarray  # case index of every lesion of every case
+    lesion_index: np.ndarray  # its index in that case's ``lesions``
+    lesion_p: np.ndarray  # draw probability: LESION_FLOOR + (1 - Dice), normalised
+    negatives: list[tuple[int, tuple[int, int, int]]]  # (case index, voxel) of each false positive
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], cases: list[Case]) -> HardExamples:
+        mined = record["cases"]
+        missing = [c.key for c in cases if c.key not in mined]
+        if missing:
+            raise SystemExit(f"--hard-examples: no mined errors for {missing[0]} (mine the same cohorts)")
+        lesion_case, lesion_index, dice = [], [], []
+        negatives: list[tuple[int, tuple[int, int, int]]] = []
+        for ci, case in enumerate(cases):
+            entry = mined[case.key]
+            if len(entry["lesions"]) != len(case.lesions):
+                raise SystemExit(
+                    f"--hard-examples: {case.key} has {len(case.lesions)} lesions, mined {len(entry['lesions'])}"
+                )
+            for li, lesion in enumerate(entry["lesions"]):
+                lesion_case.append(ci)
+                lesion_index.append(li)
+                dice.append(float(lesion["dice"]))
+            negatives += [(ci, (int(k), int(j), int(i))) for k, j, i in entry["false_positives"]]
+        w = lesion_weights(dice)
+        return cls(np.asarray(lesion_case), np.asarray(lesion_index), w / w.sum(), negatives)
+
+    def sample(
+        self, rng: np.random.Generator, cases: list[Case], blur_p: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        r = rng.random()
+        lesion, negative, liver, _ = np.cumsum(HARD_SHARES)
+        center: tuple[Any, ...] | None = None
+        if r < lesion and self.lesion_p.size:
+            g = int(rng.choice(self.lesion_p.size, p=self.lesion_p))
+            case = cases[int(self.lesion_case[g])]
+            voxels = case.lesions[int(self.lesion_index[g])]
+            center = np.unravel_index(int(voxels[rng.integers(0, voxels.size)]), case.labels.shape)
+        elif lesion <= r < negative and self.negatives:
+            ci, center = self.negatives[int(rng.integers(0, len(self.negatives)))]
+            case = cases[ci]
+        else:
+            case = cases[int(rng.integers(0, len(cases)))]
+            if r < liver:
+                center = _voxel_of(rng, case, LabelId.LIVER)
+        return _crop(rng, case, center, blur_p)
 
 
 def _pad(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +231,13 @@ def main() -> None:
     )
     ap.add_argument("--lesion-sampling", choices=("voxel", "instance"), default="voxel")
     ap.add_argument("--blur-augment", type=float, default=0.0, metavar="P", help="share of blurred patches")
+    ap.add_argument(
+        "--hard-examples",
+        type=Path,
+        metavar="FILE",
+        help="mined errors (models.segmentation.mining): lesions drawn by their error, false positives as "
+        "hard negatives",
+    )
     ap.add_argument(
         "--leave-out",
         action="append",
@@ -193,6 +276,19 @@ def main() -> None:
         config["augment"] = (
             f"in-plane Gaussian blur (sigma 0.3-1.0 voxel) on {args.blur_augment:.0%} of patches"
         )
+    if args.hard_examples:
+        mined = json.loads(args.hard_examples.read_text())
+        shares = ", ".join(f"{v:.0%}" for v in HARD_SHARES)
+        config["sampling"] = (
+            f"{shares}: lesion-centred (a lesion drawn with weight {LESION_FLOOR} + (1 - Dice of the model "
+            "mined with)), centred on that model's false positives, liver-centred, uniform"
+        )
+        config["hard_examples"] = {
+            "path": str(args.hard_examples),
+            "mined_with": mined["weights"],
+            "mined_with_sha256": mined["weights_sha256"],
+            "summary": mined["summary"],
+        }
     if leave_out:
         config["left_out"] = leave_out
         config["patients_used"] = [p.name for p in patients]
@@ -236,6 +332,7 @@ def main() -> None:
     t_load = time.time()
     cases = _load_cases(patients)
     print(f"{len(cases)} volumes loaded in {time.time() - t_load:.0f} s", flush=True)
+    hard = HardExamples.from_record(mined, cases) if args.hard_examples else None
     t0 = time.time()
     log = (args.out / "train_log.jsonl").open("a")
 
@@ -266,8 +363,11 @@ def main() -> None:
     while step < args.steps and (time.time() - t0) < args.minutes * 60:
         xs, ys = [], []
         for _ in range(args.batch):
-            case = cases[int(rng.integers(0, len(cases)))]
-            x, y = _pad(*_sample(rng, case, args.lesion_sampling == "instance", args.blur_augment))
+            if hard is not None:
+                x, y = _pad(*hard.sample(rng, cases, args.blur_augment))
+            else:
+                case = cases[int(rng.integers(0, len(cases)))]
+                x, y = _pad(*_sample(rng, case, args.lesion_sampling == "instance", args.blur_augment))
             xs.append(x)
             ys.append(y[None])
         x_t = torch.from_numpy(np.stack(xs))
