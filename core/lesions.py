@@ -26,12 +26,15 @@ __all__ = [
 ]
 
 
+MIN_LONG_AXIS_MM = 5.0  # RECIST's floor: the lesion filter's default
+
+
 @dataclass(frozen=True, slots=True)
 class LesionFilter:
     """What counts as a lesion: RECIST cannot use anything below 5 mm, and a weak, tiny blob is
     more often noise than disease. Values are settings, reported with every result."""
 
-    min_long_axis_mm: float = 5.0
+    min_long_axis_mm: float = MIN_LONG_AXIS_MM
     min_volume_ml: float = 0.1
     min_probability: float = 0.5
 
@@ -229,6 +232,7 @@ def contrast_search(
     organ: Organ,
     avoid_lps_mm: list[tuple[float, float, float]],
     params: ContrastSearch = ContrastSearch(),
+    min_long_axis_mm: float = MIN_LONG_AXIS_MM,
 ) -> DetectedLesion | None:
     """Look for a known lesion by its contrast to the organ around it, where the model saw nothing.
 
@@ -238,7 +242,8 @@ def contrast_search(
     has no organ whose level could be its background), voxels whose smoothed value differs from the organ's
     median around it by ``seed_sd`` robust SDs and ``min_contrast_hu`` seed a search, either darker or brighter;
     the lesion is the seed component nearest the expected position (not another detected lesion), grown to the
-    half of its peak contrast (the edge of a blurred step) within the organ. None when nothing stands out.
+    half of its peak contrast (the edge of a blurred step) within the organ. None when nothing stands out, or
+    when what stands out is shorter than ``min_long_axis_mm`` (the site's lesion filter) or band-like.
     """
     label = _ORGAN_LABEL.get(organ)
     if label is None:
@@ -294,10 +299,7 @@ def contrast_search(
         return None
     found = _place(volume, lesion, start, organ, float(seg.lesion_probability[box][lesion].mean()))
     m = found.measurement
-    if (
-        m.long_axis_mm < LesionFilter().min_long_axis_mm
-        or m.short_axis_mm < params.min_axis_ratio * m.long_axis_mm
-    ):
+    if m.long_axis_mm < min_long_axis_mm or m.short_axis_mm < params.min_axis_ratio * m.long_axis_mm:
         return None
     return found
 

@@ -455,7 +455,8 @@ def _compare(
             det = guided_search(volume, seg, pos, f.organ, elsewhere)
             second_look = "second look" if det is not None else None
             if det is None and settings.contrast_search:
-                det = contrast_search(volume, seg, pos, f.organ, elsewhere)
+                floor = settings.lesion_filter.min_long_axis_mm
+                det = contrast_search(volume, seg, pos, f.organ, elsewhere, min_long_axis_mm=floor)
                 second_look = "second look (image contrast)" if det is not None else None
         if det is not None:
             parts = [det, *(by_lesion[lid] for lid in fragments.get(track_id, ()))]

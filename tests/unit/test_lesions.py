@@ -88,6 +88,8 @@ def test_contrast_search_finds_a_lesion_the_model_missed_by_its_contrast(lesion_
     assert contrast_search(vol, seg, tuple(vol.kji_to_lps([10, 30, 50])), Organ.LIVER, []) is None
     # a node has no organ around it to set the background: not searched
     assert contrast_search(vol, seg, expected, Organ.LYMPH_NODE, []) is None
+    # a site whose lesion filter starts above the lesion's size does not get it back by a second look
+    assert contrast_search(vol, seg, expected, Organ.LIVER, [], min_long_axis_mm=9.0) is None
 
 
 def test_contrast_search_finds_nothing_where_the_lesion_resolved():
