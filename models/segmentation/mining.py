@@ -14,7 +14,9 @@ compared with its truth:
 ``models.segmentation.train --hard-examples FILE`` then draws lesion patches with weight
 ``LESION_FLOOR + (1 - Dice)`` (a missed lesion about four times as often as a well-segmented one) and centres
 a share of patches on the false positives (hard negatives), as lesion detection pipelines do. The file
-records the weights it was mined with, so a leg trained on it says which model's errors it learned from.
+records the weights it was mined with, so a leg trained on it says which model's errors it learned from; a
+rerun with the same weights and ``--out`` keeps what is mined already and adds the rest (an interrupted run, or
+a cohort added).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -108,13 +111,32 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    digest = hashlib.sha256(args.weights.read_bytes()).hexdigest()[:12]
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    # a rerun with the same weights keeps the time points already mined (an interrupted run, a cohort added)
+    cases: dict[str, dict[str, Any]] = (
+        previous.get("cases", {}) if previous.get("weights_sha256") == digest else {}
+    )
+    elapsed = float(previous.get("summary", {}).get("elapsed_s", 0)) if cases else 0.0
+    cohorts = list(dict.fromkeys([*(previous.get("cohorts", []) if cases else []), *map(str, args.cohort)]))
     segmenter = MonaiSegmenter(args.weights)
-    cases: dict[str, object] = {}
     t0 = time.time()
-    dice_all: list[float] = []
-    n_false = 0
+
+    def write() -> None:
+        record = {
+            "weights": str(args.weights),
+            "weights_sha256": digest,
+            "cohorts": cohorts,
+            "rule": {"pad_voxels": PAD, "min_fp_voxels": MIN_FP_VOXELS, "lesion_floor": LESION_FLOOR},
+            "summary": _summary(cases, elapsed + time.time() - t0),
+            "cases": cases,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1))
+
     for tp in _time_points(args.cohort):
-        if not (tp / "dicom").is_dir():
+        key = f"{tp.parent.name}/{tp.name}"
+        if key in cases or not (tp / "dicom").is_dir():
             continue
         volume = load_study(tp / "dicom")
         prob = segmenter.probabilities(volume)
@@ -124,33 +146,24 @@ def main() -> None:
             )
         instances = np.load(tp / "truth_labels.npz")["instances"]
         errors = case_errors(np.argmax(prob, axis=0).astype(np.uint8), prob[LabelId.LESION], instances)
-        cases[f"{tp.parent.name}/{tp.name}"] = errors.to_json()
-        dice_all += list(errors.lesion_dice.values())
-        n_false += len(errors.false_positives)
-        print(
-            f"{tp.parent.name}/{tp.name}: {len(errors.lesion_dice)} lesions, {len(errors.false_positives)} FP",
-            flush=True,
-        )
-    d = np.asarray(dice_all)
-    summary = {
+        cases[key] = errors.to_json()
+        print(f"{key}: {len(errors.lesion_dice)} lesions, {len(errors.false_positives)} FP", flush=True)
+        if len(cases) % 20 == 0:
+            write()
+    write()
+    print(json.dumps(_summary(cases, elapsed + time.time() - t0)), flush=True)
+
+
+def _summary(cases: dict[str, dict[str, Any]], elapsed_s: float) -> dict[str, object]:
+    d = np.asarray([lesion["dice"] for c in cases.values() for lesion in c["lesions"]], np.float64)
+    return {
         "time_points": len(cases),
         "lesions": int(d.size),
         "missed (Dice < 0.1)": int((d < 0.1).sum()),
         "median_dice": round(float(np.median(d)), 3) if d.size else None,
-        "false_positives": n_false,
-        "elapsed_s": round(time.time() - t0),
+        "false_positives": sum(len(c["false_positives"]) for c in cases.values()),
+        "elapsed_s": round(elapsed_s),
     }
-    record = {
-        "weights": str(args.weights),
-        "weights_sha256": hashlib.sha256(args.weights.read_bytes()).hexdigest()[:12],
-        "cohorts": [str(c) for c in args.cohort],
-        "rule": {"pad_voxels": PAD, "min_fp_voxels": MIN_FP_VOXELS, "lesion_floor": LESION_FLOOR},
-        "summary": summary,
-        "cases": cases,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
-    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

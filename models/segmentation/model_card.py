@@ -30,7 +30,8 @@ from models.segmentation.validation import TARGETS
 
 __all__ = ["CARD", "card_for_settings", "card_version", "render_model_card"]
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+ROOT = Path(__file__).resolve().parents[2]
+WEIGHTS = ROOT / "models" / "weights"
 CARD = WEIGHTS.parent / "MODEL_CARD.md"
 _TITLE = re.compile(r"# Model card: Interval lesion segmenter `([^`]+)`")
 _GENERATE = "generate it from this model's validation (python -m models.segmentation.model_card, see models/MODEL_CARD.md)"
@@ -166,16 +167,35 @@ def _audit_demo_lines(demo: dict[str, Any]) -> list[str]:
 
 
 def _legs(train_config: dict[str, Any]) -> list[str]:
-    """Where a second training leg started: the first leg's weights, named by path, hash and step."""
+    """The training legs before the shipped one, by path, hash and steps: the ``init_from`` chain, each leg's
+    train_config.json beside its weights."""
+    chain: list[dict[str, Any]] = []
     start = train_config.get("init_from")
-    if not start:
+    while start and len(chain) < 10:
+        chain.append(start)
+        beside = (
+            ROOT / start["path"]
+        ).parent / "train_config.json"  # paths are recorded from the repository root
+        start = json.loads(beside.read_text()).get("init_from") if beside.exists() else None
+    if not chain:
         return []
     last = max((int(run.get("stopped_at_step", 0)) for run in train_config.get("runs", [])), default=0)
-    return [
-        f"- Two training legs: the first ({start['step']} steps, `{start['path']}`, sha256 {start['sha256']}; its "
-        f"own train_config.json beside it), then {last} steps of the recipe above from its weights with a fresh "
-        f"optimizer and schedule."
+    earlier = [f"{leg['step']} steps (`{leg['path']}`, sha256 {leg['sha256']})" for leg in reversed(chain)]
+    lines = [
+        f"- {len(chain) + 1} training legs, each from the weights of the one before with a fresh optimizer and "
+        f"schedule (each leg's train_config.json beside its weights): {'; then '.join(earlier)}; then {last} "
+        "steps of the recipe above."
     ]
+    mined = train_config.get("hard_examples")
+    if mined:
+        summary = mined["summary"]
+        lines.append(
+            f"- Hard examples of the last leg (`{mined['path']}`, `models.segmentation.mining`): the errors of "
+            f"`{mined['mined_with']}` (sha256 {mined['mined_with_sha256']}) on its training time points: "
+            f"{summary['lesions']} lesions, median Dice {summary['median_dice']}, "
+            f"{summary['missed (Dice < 0.1)']} missed, {summary['false_positives']} false-positive components."
+        )
+    return lines
 
 
 def render_model_card(

@@ -207,3 +207,33 @@ def test_the_fit_trades_no_lesion_for_fewer_false_positives_and_lets_none_get_wo
     # detection tied: the closest diameters, then the smallest change, then the simplest input adjustment
     assert choose([quiet, tried(0.25, 26, 0.2, 0.6), tried(0.5, 26, 0.2, 0.6)], 0.5)[1] == 0.25
     assert choose([quiet, tried(0.0, 26, 0.2, simplicity=1)], 0.5) is quiet
+
+
+def test_model_card_names_every_training_leg_and_the_hard_examples(tmp_path):
+    from models.segmentation.model_card import _legs
+
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "train_config.json").write_text(json.dumps({"runs": [{"stopped_at_step": 3000}]}))
+    (tmp_path / "stage2").mkdir()
+    first = {"path": str(tmp_path / "stage1" / "checkpoint.pt"), "sha256": "aaa", "step": 3000}
+    (tmp_path / "stage2" / "train_config.json").write_text(json.dumps({"init_from": first}))
+    config = {
+        "init_from": {"path": str(tmp_path / "stage2" / "segmenter.pt"), "sha256": "bbb", "step": 5000},
+        "runs": [{"stopped_at_step": 2500}, {"stopped_at_step": 4000}],
+        "hard_examples": {
+            "path": "hard_examples.json",
+            "mined_with": "stage2/segmenter.pt",
+            "mined_with_sha256": "bbb",
+            "summary": {
+                "lesions": 700,
+                "median_dice": 0.92,
+                "missed (Dice < 0.1)": 25,
+                "false_positives": 200,
+            },
+        },
+    }
+    legs, mined = _legs(config)
+    assert legs.startswith("- 3 training legs")
+    assert "3000 steps (`" in legs and "sha256 aaa); then 5000 steps" in legs and "then 4000 steps" in legs
+    assert "700 lesions, median Dice 0.92, 25 missed, 200 false-positive components" in mined
+    assert _legs({"runs": [{"stopped_at_step": 3000}]}) == []
