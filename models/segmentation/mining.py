@@ -79,18 +79,12 @@ def case_errors(
             2 * np.count_nonzero(p & truth) / (np.count_nonzero(p) + np.count_nonzero(truth))
         )
     components, n = ndimage.label(pred)
-    false: list[tuple[int, int, int]] = []
-    if n:
-        touches = np.zeros(n + 1, bool)
-        touches[np.unique(components[(instances > 0) & pred])] = True
-        sizes = np.bincount(components.ravel(), minlength=n + 1)
-        for c in range(1, n + 1):
-            if touches[c] or sizes[c] < MIN_FP_VOXELS:
-                continue
-            where = np.flatnonzero(components.ravel() == c)
-            best = where[int(np.argmax(lesion_probability.ravel()[where]))]
-            k, j, i = np.unravel_index(int(best), pred.shape)
-            false.append((int(k), int(j), int(i)))
+    touches = np.zeros(n + 1, bool)
+    touches[np.unique(components[(instances > 0) & pred])] = True
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    kept = [c for c in range(1, n + 1) if not touches[c] and sizes[c] >= MIN_FP_VOXELS]
+    peaks = ndimage.maximum_position(lesion_probability, components, kept) if kept else []
+    false = [(int(k), int(j), int(i)) for k, j, i in peaks]
     return CaseErrors(dice, false)
 
 

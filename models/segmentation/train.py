@@ -201,9 +201,9 @@ class HardExamples:
         elif lesion <= r < negative and self.negatives:
             ci, center = self.negatives[int(rng.integers(0, len(self.negatives)))]
             case = cases[ci]
-        else:
+        else:  # uniform, or liver-centred in its share (an empty lesion or negative share falls to uniform)
             case = cases[int(rng.integers(0, len(cases)))]
-            if r < liver:
+            if negative <= r < liver:
                 center = _voxel_of(rng, case, LabelId.LIVER)
         return _crop(rng, case, center, blur_p)
 
