@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # probability, long axis and volume is reported. ~0.35 s per lesion for three flips on one CPU thread;
     # '[]' turns it off. The segmentation itself (and the model version) does not change.
     segmenter_tta: list[Literal["lr", "ap", "lr+ap", "si"]] = ["lr", "ap", "lr+ap"]
+    # Clear-contrast lesion edges (a lung nodule in air: many times the noise) placed at half the lesion's contrast,
+    # within two voxels of the model's edge (core.edges); off: the model's argmax edge as it is.
+    segmenter_edge_refinement: bool = True
     database_url: str = "sqlite:///interval.db"
     # defaults are the core's own, so that the CLI and a direct caller of analyze_study agree
     min_lesion_long_axis_mm: float = _LESIONS.min_long_axis_mm

@@ -141,7 +141,10 @@ def extract_lesions(
         count = int(comp.sum())
         if count * voxel_ml < keep.min_volume_ml:
             continue
-        prob = float(seg.lesion_probability[pad][comp].mean())
+        own = (
+            comp if seg.refined is None else comp & ~seg.refined[pad]
+        )  # the model's voxels, not the refinement's
+        prob = float(seg.lesion_probability[pad][own if own.any() else comp].mean())
         if prob < keep.min_probability:
             continue
         found = _place(volume, comp, [sl.start for sl in pad], _organ(seg.labels[pad], comp), prob)

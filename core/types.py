@@ -166,14 +166,20 @@ def lps_to_kji(
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Segmentation:
-    """Model output on the volume's grid: labels (``LabelId``) and the lesion probability."""
+    """Model output on the volume's grid: labels (``LabelId``) and the lesion probability.
+
+    ``refined`` marks the lesion voxels that the image-based edge refinement (``core.edges``) added to the
+    model's own (None when nothing was refined): a lesion's probability is averaged over the model's voxels."""
 
     labels: npt.NDArray[np.uint8]
     lesion_probability: FloatArray
+    refined: npt.NDArray[np.bool_] | None = None
 
     def __post_init__(self) -> None:
         if self.labels.shape != self.lesion_probability.shape:
             raise ValueError("labels and lesion_probability must have the same shape")
+        if self.refined is not None and self.refined.shape != self.labels.shape:
+            raise ValueError("refined must have the shape of labels")
 
 
 @dataclass(frozen=True, slots=True)

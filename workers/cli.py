@@ -455,6 +455,7 @@ def validate(
         summary["model_version"] = model.model_version
         summary["cohort"] = str(cohort)
         summary["calibrations_applied"] = dict(segmenter.applied)
+        summary["edge_refinement"] = model.edges is not None
         out_console.print(markdown_table(summary))
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ from monai.inferers.utils import sliding_window_inference
 from scipy import ndimage
 
 from adapters.settings import Settings
+from core.edges import EdgeRefinement, refine_lesion_edges
 from core.errors import ModelError
 from core.types import BoxKji, LabelId, Segmentation, Volume
 from models.segmentation.contract import BUILTIN_CONTRACT, ModelContract, ModelSource, source_from_settings
@@ -75,6 +76,7 @@ SW_BATCH = 4  # sliding windows per network call: on one CPU thread a batch of 3
 # anterior-posterior). "si" is allowed for models trained with it; the built-in one was not (it then
 # reports lesions the size of the body).
 TTA_FLIPS: dict[str, tuple[int, ...]] = {"lr": (2,), "ap": (1,), "lr+ap": (1, 2), "si": (0,)}
+DEFAULT_EDGES = EdgeRefinement()  # clear-contrast lesion edges placed by the image (core.edges); None: off
 _FINER = 0.75  # an axis is resampled when its spacing is under this fraction of the working spacing
 _CANDIDATE_MARGIN = -0.5  # working-grid voxels with lesion - best other class above this are refined
 _BOX_PAD = 2  # working-grid voxels around each candidate box (the trilinear support and a margin)
@@ -125,6 +127,7 @@ class MonaiSegmenter:
         source: ModelSource | None = None,
         tta: Sequence[str] = (),
         sw_batch_size: int = SW_BATCH,
+        edges: EdgeRefinement | None = DEFAULT_EDGES,
     ) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
@@ -137,6 +140,7 @@ class MonaiSegmenter:
         self.roi_kji = tuple(roi_kji) if roi_kji is not None else self.contract.roi_kji
         self.sw_batch_size = sw_batch_size
         self.tta = parse_flips(tta)
+        self.edges = edges
         self._version = self.model.version
         # Interval label <- sum of the model's channels that mean it ("other" counts as background)
         names = [label.name.lower() for label in LabelId]
@@ -204,8 +208,14 @@ class MonaiSegmenter:
 
     def segment(self, volume: Volume, lesion_logit_bias: float = 0.0) -> Segmentation:
         """Labels and lesion probability on the volume's grid; ``lesion_logit_bias`` (a site calibration)
-        is added to the lesion logit before the decision."""
-        return to_segmentation(self.probabilities(volume), volume.shape, lesion_logit_bias)
+        is added to the lesion logit before the decision. Clear-contrast lesion edges are then placed by the image
+        (``core.edges``) unless ``edges`` is None."""
+        seg = to_segmentation(self.probabilities(volume), volume.shape, lesion_logit_bias)
+        return (
+            seg
+            if self.edges is None
+            else refine_lesion_edges(volume.voxels_hu, seg, volume.spacing_kji_mm, self.edges)
+        )
 
     def lesion_window(self, work_shape: tuple[int, ...], work_box: Sequence[tuple[int, int]]) -> list[slice]:
         """The patch-sized window of the working grid centred on a box (the whole axis when shorter)."""
@@ -232,7 +242,13 @@ class MonaiSegmenter:
             views = []
             for f, p in zip(self.tta, prob, strict=True):
                 back = torch.flip(p, [a + 1 for a in TTA_FLIPS[f]]).float().cpu().numpy()
-                views.append(_native_in_box(back, [w.start for w in window], work, volume.shape, box))
+                view = _native_in_box(back, [w.start for w in window], work, volume.shape, box)
+                if (
+                    self.edges is not None
+                ):  # as ``segment`` draws the lesion, so the spread compares like with like
+                    hu = volume.voxels_hu[tuple(slice(a, b) for a, b in box)]
+                    view = refine_lesion_edges(hu, view, volume.spacing_kji_mm, self.edges)
+                views.append(view)
             out.append(views)
         return out
 
@@ -255,7 +271,12 @@ def to_segmentation(
 def segmenter_from_settings(settings: Settings, *, tta: bool = True) -> MonaiSegmenter:
     """The segmenter the settings choose, loaded once (``tta=False``: without test-time augmentation, for
     uses that only need the label map)."""
-    return MonaiSegmenter(source=source_from_settings(settings), tta=settings.segmenter_tta if tta else ())
+    edges = (
+        EdgeRefinement(keep=settings.analysis().lesion_filter) if settings.segmenter_edge_refinement else None
+    )
+    return MonaiSegmenter(
+        source=source_from_settings(settings), tta=settings.segmenter_tta if tta else (), edges=edges
+    )
 
 
 def native_to_working_box(
