@@ -26,7 +26,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from core.geometry import measure_mask
-from core.lesions import LesionFilter
+from core.lesions import CONNECTIVITY, LesionFilter, label_lesions
 from core.types import LabelId, Segmentation
 
 __all__ = ["EdgeRefinement", "refine_lesion_edges"]
@@ -34,7 +34,6 @@ __all__ = ["EdgeRefinement", "refine_lesion_edges"]
 _IN_PLANE = np.ones((1, 3, 3), dtype=bool)
 _ACROSS = np.ones((3, 1, 1), dtype=bool)
 _CROSS = ndimage.generate_binary_structure(2, 1)[None]  # in plane, 4-connected
-_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # as core.lesions.CONNECTIVITY
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +70,9 @@ def refine_lesion_edges(
     lesion = seg.labels == LabelId.LESION
     if not lesion.any():
         return seg
-    comps, _ = ndimage.label(lesion, structure=_CONNECTIVITY)
+    comps, _ = label_lesions(
+        lesion
+    )  # labelled inside the lesions' bounding box only: a 512 x 512 series is large
     margin = params.band_voxels + params.ring_voxels[1] + 1
     voxel_ml = float(np.prod(spacing_kji_mm)) / 1000.0
     keep = params.keep
@@ -94,7 +95,7 @@ def refine_lesion_edges(
         )
         own = comps[pad] == idx
         # every other lesion voxel as drawn so far (refined ones included), and a voxel around it: no merging
-        others = ndimage.binary_dilation((labels[pad] == LabelId.LESION) & ~own, _CONNECTIVITY)
+        others = ndimage.binary_dilation((labels[pad] == LabelId.LESION) & ~own, CONNECTIVITY)
         grown = _refined_mask(hu[pad].astype(np.float32, copy=False), own, others, labels[pad], params)
         if grown is None:
             continue
@@ -149,7 +150,7 @@ def _refined_mask(
     candidate = passes & allowed & ~others & (own | organ)
     # a vessel or septum the edge ran along is thinner than three voxels: opened away, slice by slice
     candidate = ndimage.binary_opening(candidate, _CROSS) | core
-    parts, _ = ndimage.label(candidate, structure=_CONNECTIVITY)
+    parts, _ = ndimage.label(candidate, structure=CONNECTIVITY)
     touching = np.unique(parts[core])
     grown: npt.NDArray[np.bool_] = np.isin(parts, touching[touching > 0])
     return grown
