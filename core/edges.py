@@ -26,7 +26,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from core.geometry import measure_mask
-from core.lesions import CONNECTIVITY, LesionFilter, label_lesions
+from core.lesions import CONNECTIVITY, LesionFilter, mask_box
 from core.types import LabelId, Segmentation
 
 __all__ = ["EdgeRefinement", "refine_lesion_edges"]
@@ -68,16 +68,27 @@ def refine_lesion_edges(
     if hu.shape != seg.labels.shape:
         raise ValueError(f"HU of shape {hu.shape} for a segmentation of shape {seg.labels.shape}")
     lesion = seg.labels == LabelId.LESION
-    if not lesion.any():
+    around = mask_box(lesion)
+    if around is None:
         return seg
-    comps, _ = label_lesions(
-        lesion
-    )  # labelled inside the lesions' bounding box only: a 512 x 512 series is large
     margin = params.band_voxels + params.ring_voxels[1] + 1
+    # everything below happens inside the lesions' bounding box and the margin a refinement looks into: a
+    # 512 x 512 series is large, its lesions are not
+    region = tuple(
+        slice(max(b.start - m, 0), min(b.stop + m, n))
+        for b, m, n in zip(around, (1, margin, margin), lesion.shape, strict=True)
+    )
+    comps, _ = ndimage.label(lesion[region], structure=CONNECTIVITY)
     voxel_ml = float(np.prod(spacing_kji_mm)) / 1000.0
     keep = params.keep
     labels = seg.labels.copy()
     added = np.zeros(lesion.shape, dtype=bool) if seg.refined is None else seg.refined.copy()
+    labels_r, added_r, hu_r, prob_r = (
+        labels[region],
+        added[region],
+        hu[region],
+        seg.lesion_probability[region],
+    )
     changed = False
     for idx, box in enumerate(ndimage.find_objects(comps), start=1):
         if box is None:
@@ -85,8 +96,8 @@ def refine_lesion_edges(
         own_box = comps[box] == idx
         if (
             np.count_nonzero(own_box) * voxel_ml < keep.min_volume_ml
-            or float(seg.lesion_probability[box][own_box].mean()) < keep.min_probability
-            or measure_mask(own_box, spacing_kji_mm).long_axis_mm < keep.min_long_axis_mm
+            or float(prob_r[box][own_box].mean()) < keep.min_probability
+            or _shorter_than(own_box, spacing_kji_mm, keep.min_long_axis_mm)
         ):
             continue
         pad = (
@@ -95,22 +106,34 @@ def refine_lesion_edges(
         )
         own = comps[pad] == idx
         # every other lesion voxel as drawn so far (refined ones included), and a voxel around it: no merging
-        others = ndimage.binary_dilation((labels[pad] == LabelId.LESION) & ~own, CONNECTIVITY)
-        grown = _refined_mask(hu[pad].astype(np.float32, copy=False), own, others, labels[pad], params)
+        others = ndimage.binary_dilation((labels_r[pad] == LabelId.LESION) & ~own, CONNECTIVITY)
+        grown = _refined_mask(hu_r[pad].astype(np.float32, copy=False), own, others, labels_r[pad], params)
         if grown is None:
             continue
         gained, lost = grown & ~own, own & ~grown
         if not gained.any() and not lost.any():
             continue
         changed = True
-        local = labels[pad]
+        local = labels_r[pad]
         local[lost] = _surroundings_label(local, own)
         local[gained] = LabelId.LESION
-        added[pad] |= gained
-        added[pad] &= ~lost
+        added_r[pad] |= gained
+        added_r[pad] &= ~lost
     if not changed:
         return seg
     return Segmentation(labels=labels, lesion_probability=seg.lesion_probability, refined=added)
+
+
+def _shorter_than(
+    mask: npt.NDArray[np.bool_], spacing_kji_mm: tuple[float, float, float], floor_mm: float
+) -> bool:
+    """Whether the lesion's long axis is under ``floor_mm``; measured only when its in-plane extent does not already
+    show it is longer (the outline the measurement takes lies within a pixel of the voxels' edges)."""
+    _, sy, sx = spacing_kji_mm
+    extent = max(mask.shape[1] * sy, mask.shape[2] * sx)
+    if extent - max(sy, sx) >= floor_mm:
+        return False
+    return measure_mask(mask, spacing_kji_mm).long_axis_mm < floor_mm
 
 
 def _refined_mask(
