@@ -221,7 +221,7 @@ def image_signals(
         fat = body_hu[(body_hu >= -200.0) & (body_hu <= -30.0)]
         if fat.size:
             out["fat_hu_median"] = _median(fat, max_voxels)
-    boxes = ndimage.find_objects(labels)
+    boxes = _organ_boxes(lab_s, step, labels.shape)
     liver_box, liver = _eroded_in_box(labels, LabelId.LIVER, boxes)
     if np.count_nonzero(liver) >= 200:
         values = _sample(hu[liver_box][liver], max_voxels)
@@ -277,12 +277,35 @@ def signals_of_result(result: StudyResult, unit: Unit) -> StudySignals:
 _INPLANE = np.ones((1, 5, 5), dtype=bool)  # erosion by two voxels in-plane
 
 
+def _organ_boxes(
+    sampled: npt.NDArray[np.uint8], step: int, shape: tuple[int, ...]
+) -> list[tuple[slice, ...] | None]:
+    """Each label's bounding box, found on the label map sampled every ``step``-th row and column and widened by
+    ``step``: it holds every voxel that survives the in-plane erosion by two (such a voxel has a 5 x 5 block of its
+    label around it, so a sampled voxel of the label within two rows and columns), with that voxel's block, so
+    eroding inside it gives what eroding inside the exact box gives. One pass over a sixteenth of a 512 series."""
+    out: list[tuple[slice, ...] | None] = []
+    for found in ndimage.find_objects(sampled):
+        if found is None:
+            out.append(None)
+            continue
+        k, j, i = found
+        out.append(
+            (
+                k,
+                slice(max(j.start * step - step, 0), min((j.stop - 1) * step + 1 + step, shape[1])),
+                slice(max(i.start * step - step, 0), min((i.stop - 1) * step + 1 + step, shape[2])),
+            )
+        )
+    return out
+
+
 def _eroded_in_box(
     labels: npt.NDArray[np.uint8], label: int, boxes: list[tuple[slice, ...] | None]
 ) -> tuple[tuple[slice, ...], npt.NDArray[np.bool_]]:
     """The voxels of ``label`` eroded by ``_INPLANE``, computed in the label's bounding box (``boxes`` from
-    ``ndimage.find_objects(labels)``, widened by the structure's reach, so the result is the same as eroding
-    the whole volume): the box and the eroded mask inside it."""
+    ``_organ_boxes``, widened by the structure's reach, so the result is the same as eroding the whole volume):
+    the box and the eroded mask inside it."""
     found = boxes[label - 1] if label <= len(boxes) else None
     if found is None:
         return tuple(slice(0, 0) for _ in labels.shape), np.zeros((0,) * labels.ndim, dtype=bool)
