@@ -271,13 +271,18 @@ def _pixels(
                     f"decoded frame of {stored.shape}, header says {(f.rows, f.columns)}"
                 )
                 continue
-            # float64 arithmetic only where a slope needs it (the common case has none)
-            if f.rescale_slope != 1.0:
-                image = (stored.astype(np.float64) * f.rescale_slope).astype(np.float32)
-            else:
-                image = stored.astype(np.float32)
-            if f.rescale_intercept != 0.0:
-                image += np.float32(f.rescale_intercept)
+            if (
+                len(slot) == 1 and f.rescale_slope == 1.0
+            ):  # the common case: straight into the volume, one pass
+                image = voxels[k]
+                np.add(stored, np.float32(f.rescale_intercept), out=image, casting="unsafe")
+            else:  # float64 arithmetic only where a slope needs it
+                if f.rescale_slope != 1.0:
+                    image = (stored.astype(np.float64) * f.rescale_slope).astype(np.float32)
+                else:
+                    image = stored.astype(np.float32)
+                if f.rescale_intercept != 0.0:
+                    image += np.float32(f.rescale_intercept)
             images.append(image)
             uses[f.path] -= 1
             if uses[f.path] == 0:
@@ -292,7 +297,8 @@ def _pixels(
                     "positions); remove one of them"
                 )
         copies += len(slot) - 1
-        voxels[k] = images[0]
+        if images[0].base is not voxels:  # not already written in place
+            voxels[k] = images[0]
     if bad:
         syntaxes = sorted({_transfer_syntax(cand.headers[p]) for p in bad})
         error = next(iter(bad.values()))
