@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -108,16 +108,45 @@ class IngestedStudy:
     report: IngestReport
 
 
+_SCANS: OrderedDict[Path, tuple[tuple[tuple[str, int, int], ...], FolderScan]] = OrderedDict()
+_SCANS_KEPT = 2  # a worker reads a study, then writes its SEG and SR from the same headers
+
+
 def scan_folder(folder: Path) -> FolderScan:
-    """Read every file's header (no pixels) and group DICOM files by series."""
+    """Read every file's header (no pixels) and group DICOM files by series.
+
+    The last scans are kept in the process and given again while no file of the folder was added, removed or
+    rewritten (name, size and modification time of each): the headers a worker read to load a study are the ones it
+    writes the study's SEG from, not read twice. The header datasets are shared: read them, do not change them."""
     if not folder.is_dir():
         raise NoSeriesFoundError(f"study folder {folder.name!r} does not exist or is not a folder")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    stamp = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
+    where = folder.resolve()
+    kept = _SCANS.get(where)
+    if kept is not None and kept[0] == stamp:
+        _SCANS.move_to_end(where)
+        return _copy(kept[1])
+    scan = _scan(paths)
+    _SCANS[where] = (stamp, scan)
+    while len(_SCANS) > _SCANS_KEPT:
+        _SCANS.popitem(last=False)
+    return _copy(scan)
+
+
+def _copy(scan: FolderScan) -> FolderScan:
+    """The scan with its own lists and set (a caller may change them; the kept one stays as read)."""
+    series = {uid: list(files) for uid, files in scan.series.items()}
+    return FolderScan(series, list(scan.unreadable), set(scan.modalities), scan.forced)
+
+
+def _scan(paths: list[Path]) -> FolderScan:
     series: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     unreadable: list[Path] = []
     modalities: set[str] = set()
     forced: set[Path] = set()
     with quiet_pydicom():
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        for path in paths:
             if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
                 continue
             read = read_header(path)

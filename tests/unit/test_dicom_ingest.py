@@ -483,3 +483,26 @@ def test_source_headers_are_the_slices_the_volume_was_built_from(tmp_path):
     assert len(headers) == load_study(folder).shape[0] == 6
     z = [float(ds.ImagePositionPatient[2]) for ds in headers]
     assert z == sorted(z)
+
+
+def test_a_folder_scanned_again_unchanged_gives_the_kept_headers_and_a_changed_one_is_read_again(
+    tmp_path, monkeypatch
+):
+    import adapters.dicom_series as series_module
+
+    _write_series(tmp_path / "s", n=4)
+    reads: list[Path] = []
+    real = series_module.read_header
+    monkeypatch.setattr(series_module, "read_header", lambda p: reads.append(p) or real(p))
+    first = series_module.scan_folder(tmp_path / "s")
+    assert len(reads) == 4
+    first.series.clear()  # a caller's copy: the kept scan is not changed by it
+    again = series_module.scan_folder(tmp_path / "s")
+    assert len(reads) == 4 and sum(len(v) for v in again.series.values()) == 4
+    # a file rewritten (other size or time), or one added: every header read again
+    _write_series(tmp_path / "s", n=5)
+    rescanned = series_module.scan_folder(tmp_path / "s")
+    assert len(reads) == 9 and sum(len(v) for v in rescanned.series.values()) == 5
+    expected = _write_series(tmp_path / "t", n=3, series="1.2.3.999")
+    assert np.array_equal(load_study(tmp_path / "t").voxels_hu, expected)
+    assert series_module.scan_folder(tmp_path / "t").series.keys() == {"1.2.3.999"}
