@@ -2,8 +2,9 @@
 
 ``<root>/<StudyInstanceUID>/report.json``  the analysis (``adapters.report_json.result_to_json``)
 ``<root>/<StudyInstanceUID>/draft.json``  per sentence: model text, replaced or added, and why
-``<root>/<StudyInstanceUID>/segmentation.npz``  ``labels`` (uint8, [k, j, i]) and ``lesion_probability``
-(float16), with the volume's geometry, so evidence images (key slice + contour) can be drawn later
+``<root>/<StudyInstanceUID>/segmentation.npz``  ``labels`` (uint8, [k, j, i]), ``lesion_probability``
+(float16) and ``refined`` (the lesion voxels the edge refinement added, ``core.edges``; empty when none), with the
+volume's geometry, so evidence images (key slice + contour) can be drawn later
 without running the model again; and ``saliency`` (float16, [0, 1]) once a lesion was explained
 (``interval explain --artifacts``), which the key images overlay.
 
@@ -74,6 +75,8 @@ def save_artifacts(result: StudyResult, root: Path) -> Path:
             tmp,
             labels=seg.labels.astype(np.uint8),
             lesion_probability=seg.lesion_probability.astype(np.float16),
+            # the lesion voxels the image-based edge refinement added (core.edges): none when absent
+            refined=seg.refined if seg.refined is not None else np.zeros((0, 0, 0), dtype=bool),
             spacing_kji_mm=np.asarray(result.spacing_kji_mm),
             origin_lps_mm=np.asarray(result.origin_lps_mm),
             direction_lps=np.asarray(result.direction_lps),
@@ -167,7 +170,9 @@ class ReusingSegmenter:
         )
         if not same:
             return None
+        refined = arrays.get("refined")  # None in label maps stored before it was kept
         return Segmentation(
             labels=arrays["labels"].astype(np.uint8),
             lesion_probability=arrays["lesion_probability"].astype(np.float32),
+            refined=refined.astype(bool) if refined is not None and refined.shape == volume.shape else None,
         )

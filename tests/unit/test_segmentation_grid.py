@@ -127,6 +127,21 @@ def test_stored_label_map_is_reused_only_for_the_same_model_series_and_geometry(
     assert (seg.segment(vol).labels == LabelId.LIVER).all()  # unreadable: the model runs
 
 
+def test_the_edge_refinements_voxels_are_kept_with_the_stored_label_map(tmp_path):
+    """A reused label map keeps which lesion voxels the image added (``core.edges``), so a lesion's probability is the
+    model's own on reuse too; a file stored before they were kept reads as unrefined."""
+    vol = Volume(np.zeros((4, 8, 8), np.float32), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), acquisition=_acq("1.2.4"))
+    _store(tmp_path)
+    assert ReusingSegmenter(_Counting(), tmp_path).segment(vol).refined is None
+    refined = np.zeros((4, 8, 8), bool)
+    refined[1, 2:4, 2:4] = True
+    with np.load(tmp_path / "1.2.3" / "segmentation.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "1.2.3" / "segmentation.npz", **arrays, refined=refined)
+    got = ReusingSegmenter(_Counting(), tmp_path).segment(vol).refined
+    assert got is not None and np.array_equal(got, refined)
+
+
 def test_an_explained_lesions_saliency_is_kept_with_the_stored_analysis(tmp_path):
     """``interval explain --artifacts``: the overlay the report page draws; a second lesion adds to the first."""
     _store(tmp_path)
