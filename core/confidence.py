@@ -52,11 +52,14 @@ def lesion_mask(seg: Segmentation, lesion: DetectedLesion, around: BoxKji) -> np
 
 
 def _view_measure(
-    view: Segmentation, base: npt.NDArray[np.bool_], spacing_kji_mm: tuple[float, float, float]
+    view: Segmentation,
+    base: npt.NDArray[np.bool_],
+    spacing_kji_mm: tuple[float, float, float],
+    drawn: npt.NDArray[np.bool_],
 ) -> tuple[bool, float, float, float]:
-    """(found, mean probability over ``base``, long axis mm, volume ml) of the lesion as this view draws it:
+    """(found, mean probability over ``drawn``, long axis mm, volume ml) of the lesion as this view draws it:
     the view's lesion components that overlap ``base``."""
-    probability = float(view.lesion_probability[base].mean()) if base.any() else 0.0
+    probability = float(view.lesion_probability[drawn].mean()) if drawn.any() else 0.0
     lesion = view.labels == LabelId.LESION
     comps, _ = ndimage.label(lesion, structure=_CONNECTIVITY)
     hits = np.unique(comps[base & lesion])
@@ -73,8 +76,12 @@ def lesion_spread(
     views: Sequence[Segmentation],
     spacing_kji_mm: tuple[float, float, float],
     augmentations: Sequence[str] = (),
+    model_mask: npt.NDArray[np.bool_] | None = None,
 ) -> LesionSpread:
-    """The spread of one lesion over its own result and ``views`` (box-shaped, aligned with ``base_mask``)."""
+    """The spread of one lesion over its own result and ``views`` (box-shaped, aligned with ``base_mask``). A view's
+    probability is averaged over ``model_mask`` (the lesion's voxels the model drew, without those the edge
+    refinement added, as the lesion's own probability is; ``base_mask`` when None)."""
+    drawn = base_mask if model_mask is None else model_mask
     found, probs, longs, vols = (
         [True],
         [lesion.probability],
@@ -84,7 +91,7 @@ def lesion_spread(
     for view in views:
         if view.labels.shape != base_mask.shape:
             raise ValueError(f"view of shape {view.labels.shape} for a lesion box of shape {base_mask.shape}")
-        f, p, la, v = _view_measure(view, base_mask, spacing_kji_mm)
+        f, p, la, v = _view_measure(view, base_mask, spacing_kji_mm, drawn)
         found.append(f)
         probs.append(p)
         longs.append(la)
@@ -111,8 +118,11 @@ def add_spreads(
     views = segmenter.augmented_views(volume, boxes)
     if len(views) != len(boxes):
         raise ValueError(f"the segmenter returned views for {len(views)} of {len(boxes)} lesion boxes")
-    spreads = {
-        d.lesion_id: lesion_spread(d, lesion_mask(seg, d, box), v, volume.spacing_kji_mm, names)
-        for d, box, v in zip(todo, boxes, views, strict=True)
-    }
+    spreads = {}
+    for d, box, v in zip(todo, boxes, views, strict=True):
+        base = lesion_mask(seg, d, box)
+        drawn = base if seg.refined is None else base & ~seg.refined[_slices(box)]
+        spreads[d.lesion_id] = lesion_spread(
+            d, base, v, volume.spacing_kji_mm, names, drawn if drawn.any() else base
+        )
     return [replace(d, spread=spreads.get(d.lesion_id)) for d in lesions]

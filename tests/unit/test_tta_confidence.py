@@ -153,3 +153,25 @@ def test_the_pipeline_reports_each_lesions_spread_in_report_json():
     assert tta["long_axis_mm"][0] <= lesion["current"]["long_axis_mm"] <= tta["long_axis_mm"][1]
     assert tta["long_axis_mm"][1] == pytest.approx(15.0, abs=1.0)
     assert lesion["current"]["box_kji"] == [[7, 14], [24, 37], [24, 37]]
+
+
+def test_a_views_probability_is_averaged_over_the_voxels_the_model_drew_not_the_refined_rim():
+    """With the edge refinement's rim (low model probability) marked, a view that draws the lesion as the model did
+    reads the lesion's own probability: the range has no width."""
+    vol = _volume()
+    model = _ball(vol.shape, (10, 30, 30), 6.0)
+    rim = (_ball(vol.shape, (10, 30, 30), 8.0).labels == LabelId.LESION) & (model.labels != LabelId.LESION)
+    labels = model.labels.copy()
+    labels[rim] = LabelId.LESION
+    refined = Segmentation(labels, model.lesion_probability, refined=rim)
+    (lesion,) = extract_lesions(vol, refined, LesionFilter())
+    assert lesion.probability == pytest.approx(0.9)
+
+    class SameAsTheModel(FakeTTA):
+        def augmented_views(self, volume: Volume, boxes_kji: Sequence[BoxKji]) -> list[list[Segmentation]]:
+            crops = [tuple(slice(a, b) for a, b in box) for box in boxes_kji]
+            return [[Segmentation(refined.labels[sl], refined.lesion_probability[sl])] for sl in crops]
+
+    (spread,) = [d.spread for d in add_spreads(vol, refined, [lesion], SameAsTheModel(refined, [8.0]))]
+    assert spread is not None
+    assert spread.probability_range[0] == pytest.approx(spread.probability_range[1], abs=1e-6)
