@@ -10,7 +10,9 @@ grows by, and the full-width-at-half-maximum convention of nodule volumetry).
 ``refine_lesion_edges`` moves each lesion's edge to that half-contrast level, within ``band_voxels`` of the
 model's edge in plane and one slice above and below, and only where the contrast is at least ``min_cnr``
 times the noise of the lesion's surroundings (a hypodense liver metastasis at 3x the noise is left as the model
-drew it: its half-contrast edge would follow the noise). Voxels the refinement adds are marked in
+drew it: its half-contrast edge would follow the noise). The edge moves only into the tissue the model labels
+the lesion's own (not into the chest wall a nodule touches), never into touch with another lesion, and not along a
+vessel thinner than three voxels (opened away in plane). Voxels the refinement adds are marked in
 ``Segmentation.refined`` so the lesion's probability stays the model's own (``core.lesions.extract_lesions``
 averages over the model's voxels only); voxels it removes take the label of the lesion's surroundings.
 
@@ -41,10 +43,8 @@ class EdgeRefinement:
     """How far the image may move a lesion's edge, and how clear the contrast must be for it to."""
 
     band_voxels: int = 2  # in plane, outward from the model's edge; one slice across
-    ring_voxels: tuple[int, int] = (
-        2,
-        4,
-    )  # the surroundings: this many voxels outside the model's lesion, in plane
+    # the surroundings: from this many to this many voxels outside the model's lesion, in plane
+    ring_voxels: tuple[int, int] = (2, 4)
     min_cnr: float = 6.0  # |lesion level - surroundings level| / surroundings' robust noise SD
     min_ring_voxels: int = 12
     # what is refined: components the site's lesion filter reports as the model drew them
