@@ -3,9 +3,9 @@
 ``<root>/<StudyInstanceUID>/report.json``  the analysis (``adapters.report_json.result_to_json``)
 ``<root>/<StudyInstanceUID>/draft.json``  per sentence: model text, replaced or added, and why
 ``<root>/<StudyInstanceUID>/segmentation.npz``  ``labels`` (uint8, [k, j, i]), ``lesion_probability``
-(float16) and ``refined`` (the lesion voxels the edge refinement added, ``core.edges``; empty when none), with the
-volume's geometry, so evidence images (key slice + contour) can be drawn later
-without running the model again; and ``saliency`` (float16, [0, 1]) once a lesion was explained
+(float16) and ``refined_voxels`` (flat indices of the lesion voxels the edge refinement added, ``core.edges``),
+with the volume's geometry, so evidence images (key slice + contour) can be drawn later without running the model
+again; and ``saliency`` (float16, [0, 1]) once a lesion was explained
 (``interval explain --artifacts``), which the key images overlay.
 
 ``ReusingSegmenter`` puts those label maps to a second use: a prior study that this site analysed before (same
@@ -75,8 +75,11 @@ def save_artifacts(result: StudyResult, root: Path) -> Path:
             tmp,
             labels=seg.labels.astype(np.uint8),
             lesion_probability=seg.lesion_probability.astype(np.float16),
-            # the lesion voxels the image-based edge refinement added (core.edges): none when absent
-            refined=seg.refined if seg.refined is not None else np.zeros((0, 0, 0), dtype=bool),
+            # the lesion voxels the image-based edge refinement added (core.edges), as flat indices: a few
+            # hundred numbers, not a second volume to compress
+            refined_voxels=np.flatnonzero(seg.refined)
+            if seg.refined is not None
+            else np.zeros(0, dtype=np.int64),
             spacing_kji_mm=np.asarray(result.spacing_kji_mm),
             origin_lps_mm=np.asarray(result.origin_lps_mm),
             direction_lps=np.asarray(result.direction_lps),
@@ -116,6 +119,19 @@ def load_artifacts(root: Path, study_uid: str) -> tuple[dict[str, Any], dict[str
         return report, None
     with np.load(seg_path) as z:
         return report, {k: z[k] for k in z.files}
+
+
+def _refined(voxels: np.ndarray | None, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """The stored edge-refinement voxels as a mask (None when none were stored, or in a file from before they were
+    kept, or when they do not fit the volume)."""
+    if voxels is None or voxels.size == 0:
+        return None
+    index = voxels.astype(np.int64)
+    if index.min() < 0 or index.max() >= int(np.prod(shape)):
+        return None
+    mask = np.zeros(shape, dtype=bool)
+    mask.flat[index] = True
+    return mask
 
 
 class ReusingSegmenter:
@@ -170,9 +186,8 @@ class ReusingSegmenter:
         )
         if not same:
             return None
-        refined = arrays.get("refined")  # None in label maps stored before it was kept
         return Segmentation(
             labels=arrays["labels"].astype(np.uint8),
             lesion_probability=arrays["lesion_probability"].astype(np.float32),
-            refined=refined.astype(bool) if refined is not None and refined.shape == volume.shape else None,
+            refined=_refined(arrays.get("refined_voxels"), volume.shape),
         )

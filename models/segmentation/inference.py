@@ -214,8 +214,8 @@ class MonaiSegmenter:
         return (
             seg
             if self.edges is None
-            else refine_lesion_edges(volume.voxels_hu, seg, volume.spacing_kji_mm, self.edges)
-        )
+            else refine_lesion_edges(volume.voxels_hu, seg, volume.spacing_kji_mm, self.edges, in_place=True)
+        )  # ``seg`` is this call's own
 
     def lesion_window(self, work_shape: tuple[int, ...], work_box: Sequence[tuple[int, int]]) -> list[slice]:
         """The patch-sized window of the working grid centred on a box (the whole axis when shorter)."""
@@ -247,7 +247,7 @@ class MonaiSegmenter:
                     self.edges is not None
                 ):  # as ``segment`` draws the lesion, so the spread compares like with like
                     hu = volume.voxels_hu[tuple(slice(a, b) for a, b in box)]
-                    view = refine_lesion_edges(hu, view, volume.spacing_kji_mm, self.edges)
+                    view = refine_lesion_edges(hu, view, volume.spacing_kji_mm, self.edges, in_place=True)
                 views.append(view)
             out.append(views)
         return out

@@ -139,3 +139,16 @@ def test_shapes_must_agree() -> None:
     hu, labels = _scene(truth, -850.0, 30.0, 20.0)
     with pytest.raises(ValueError, match="shape"):
         refine_lesion_edges(hu[:-1], _model(labels, truth), SPACING)
+
+
+def test_in_place_refines_the_given_label_map_and_otherwise_it_is_left_as_it_was():
+    truth = _ball((4, 24, 24), 7.0)
+    hu, labels = _scene(truth, -850.0, 30.0, 20.0)
+    seg = _model(labels, _erode(truth, 1))
+    before = seg.labels.copy()
+    copied = refine_lesion_edges(hu, seg, SPACING)
+    assert np.array_equal(seg.labels, before) and not np.array_equal(copied.labels, before)
+    in_place = refine_lesion_edges(hu, seg, SPACING, in_place=True)
+    assert in_place.labels is seg.labels and np.array_equal(in_place.labels, copied.labels)
+    assert in_place.refined is not None and copied.refined is not None
+    assert np.array_equal(in_place.refined, copied.refined)

@@ -137,9 +137,11 @@ def test_the_edge_refinements_voxels_are_kept_with_the_stored_label_map(tmp_path
     refined[1, 2:4, 2:4] = True
     with np.load(tmp_path / "1.2.3" / "segmentation.npz") as z:
         arrays = {k: z[k] for k in z.files}
-    np.savez(tmp_path / "1.2.3" / "segmentation.npz", **arrays, refined=refined)
+    np.savez(tmp_path / "1.2.3" / "segmentation.npz", **arrays, refined_voxels=np.flatnonzero(refined))
     got = ReusingSegmenter(_Counting(), tmp_path).segment(vol).refined
     assert got is not None and np.array_equal(got, refined)
+    np.savez(tmp_path / "1.2.3" / "segmentation.npz", **arrays, refined_voxels=np.array([4 * 8 * 8]))
+    assert ReusingSegmenter(_Counting(), tmp_path).segment(vol).refined is None  # does not fit: not used
 
 
 def test_an_explained_lesions_saliency_is_kept_with_the_stored_analysis(tmp_path):
