@@ -22,6 +22,7 @@ __all__ = [
     "guided_search",
     "label_lesions",
     "laterality_of",
+    "lesion_box",
     "mask_box",
 ]
 
@@ -105,6 +106,23 @@ def mask_box(mask: npt.NDArray[np.bool_], margin: int = 0) -> tuple[slice, ...] 
     return tuple(box)
 
 
+def lesion_box(labels: npt.NDArray[np.uint8], slab: int = 8) -> tuple[slice, ...] | None:
+    """The bounding box of the lesion label in a label map (None when there is none), found ``slab`` slices at a
+    time: no lesion mask of the whole series is made (a fresh 31 MB array costs ~60 ms of page faults on a 512
+    series on the benchmark machine)."""
+    slices = np.zeros(labels.shape[0], dtype=bool)
+    rows = np.zeros(labels.shape[1], dtype=bool)
+    cols = np.zeros(labels.shape[2], dtype=bool)
+    for k in range(0, labels.shape[0], slab):
+        part = labels[k : k + slab] == LabelId.LESION
+        slices[k : k + slab] = part.any(axis=(1, 2))
+        rows |= part.any(axis=(0, 2))
+        cols |= part.any(axis=(0, 1))
+    if not slices.any():
+        return None
+    return tuple(slice(int(h[0]), int(h[-1]) + 1) for h in (np.flatnonzero(a) for a in (slices, rows, cols)))
+
+
 def label_lesions(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int32], int]:
     """``ndimage.label(mask, CONNECTIVITY)``, labelled inside the mask's bounding box only."""
     components = np.zeros(mask.shape, dtype=np.int32)
@@ -120,15 +138,17 @@ def extract_lesions(
     volume: Volume, seg: Segmentation, keep: LesionFilter = LesionFilter()
 ) -> list[DetectedLesion]:
     """Connected lesion components that pass ``keep``, measured and placed, largest first."""
-    mask = seg.labels == LabelId.LESION
     out: list[DetectedLesion] = []
     # label only the box around all lesion voxels (plus the 3-voxel margin each lesion gets below): the same
     # components as labelling the whole volume, in a fraction of the time on a 512 x 512 series
-    crop = mask_box(mask, margin=3)
-    if crop is None:
+    around = lesion_box(seg.labels)
+    if around is None:
         return out
+    crop = tuple(
+        slice(max(b.start - 3, 0), min(b.stop + 3, n)) for b, n in zip(around, seg.labels.shape, strict=True)
+    )
     lo = [s.start for s in crop]
-    comps, _ = ndimage.label(mask[crop], structure=CONNECTIVITY)
+    comps, _ = ndimage.label(seg.labels[crop] == LabelId.LESION, structure=CONNECTIVITY)
     boxes = ndimage.find_objects(comps)
     sz, sy, sx = volume.spacing_kji_mm
     voxel_ml = sz * sy * sx / 1000.0
@@ -141,9 +161,8 @@ def extract_lesions(
         count = int(comp.sum())
         if count * voxel_ml < keep.min_volume_ml:
             continue
-        own = (
-            comp if seg.refined is None else comp & ~seg.refined[pad]
-        )  # the model's voxels, not the refinement's
+        # the probability is the model's: over the voxels it drew, not those the edge refinement added
+        own = comp if seg.refined is None else comp & ~seg.refined[pad]
         prob = float(seg.lesion_probability[pad][own if own.any() else comp].mean())
         if prob < keep.min_probability:
             continue

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from core.lesions import ContrastSearch, LesionFilter, contrast_search, extract_lesions, guided_search
+from core.lesions import (
+    ContrastSearch,
+    LesionFilter,
+    contrast_search,
+    extract_lesions,
+    guided_search,
+    lesion_box,
+    mask_box,
+)
 from core.types import LabelId, Organ, Segmentation, Volume
 
 
@@ -115,3 +123,15 @@ def test_contrast_search_refuses_a_band_it_grew_into():
     assert contrast_search(vol, seg, where, Organ.LIVER, avoid_lps_mm=[]) is None
     # it is the shape that refuses it: without the rule the band comes back
     assert contrast_search(vol, seg, where, Organ.LIVER, [], ContrastSearch(min_axis_ratio=0.0)) is not None
+
+
+def test_lesion_box_found_slab_by_slab_is_the_lesion_masks_box():
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        shape = tuple(int(n) for n in rng.integers(1, 30, 3))
+        labels = rng.integers(0, 3, shape).astype(np.uint8)
+        for _ in range(int(rng.integers(0, 4))):
+            k, j, i = (int(rng.integers(0, n)) for n in shape)
+            labels[k, j, i] = LabelId.LESION
+        slab = int(rng.integers(1, 10))
+        assert lesion_box(labels, slab=slab) == mask_box(labels == LabelId.LESION)
