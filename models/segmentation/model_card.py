@@ -86,6 +86,19 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def _edges_line(validation: dict[str, Any]) -> list[str]:
+    """Whether the figures include the image-placed lesion edges (``core.edges``); nothing for records that predate
+    the setting."""
+    if "edge_refinement" not in validation:
+        return []
+    if validation["edge_refinement"]:
+        return [
+            "Measured as the service runs: clear-contrast lesion edges placed by the image after the model "
+            "(`core/edges.py`; `INTERVAL_SEGMENTER_EDGE_REFINEMENT=false` turns it off)."
+        ]
+    return ["Measured with the model's own lesion edges (edge refinement off)."]
+
+
 def _vendor_rows(validation: dict[str, Any]) -> list[str]:
     rows = [
         "| vendor | studies | sensitivity, lesions >= 10 mm | sensitivity, all | FP / study | "
@@ -254,6 +267,7 @@ def render_model_card(
         f"Cohort `{validation['cohort']}`. Targets: sensitivity >= {_pct(TARGETS['sensitivity_ge10mm'])} for "
         f"lesions >= 10 mm, <= {TARGETS['false_positives_per_study']} false positives per study, median absolute "
         f"RECIST-diameter error <= {TARGETS['median_abs_diameter_error_mm']} mm.",
+        *_edges_line(validation),
         "",
         *_vendor_rows(validation),
         "",

@@ -165,6 +165,11 @@ def test_model_card_is_written_from_the_measured_figures_and_names_missed_target
         "uih (sensitivity_ge10mm, false_positives_per_study, median_abs_diameter_error_mm)" in card
     )  # named under known limits
     assert "after calibration" in card and "Intended use" in card and "Human oversight" in card
+    # a record from before the setting says nothing of it
+    assert "clear-contrast lesion edges" not in card and "edge refinement off" not in card
+    refined = render_model_card(config, {**validation, "edge_refinement": True})
+    assert "clear-contrast lesion edges placed by the image" in refined
+    assert "edge refinement off" in render_model_card(config, {**validation, "edge_refinement": False})
 
 
 def test_audit_flags_the_subgroup_served_worse_and_not_the_others():
