@@ -20,7 +20,6 @@ __all__ = [
     "contrast_search",
     "extract_lesions",
     "guided_search",
-    "label_lesions",
     "laterality_of",
     "lesion_box",
     "mask_box",
@@ -121,17 +120,6 @@ def lesion_box(labels: npt.NDArray[np.uint8], slab: int = 8) -> tuple[slice, ...
     if not slices.any():
         return None
     return tuple(slice(int(h[0]), int(h[-1]) + 1) for h in (np.flatnonzero(a) for a in (slices, rows, cols)))
-
-
-def label_lesions(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int32], int]:
-    """``ndimage.label(mask, CONNECTIVITY)``, labelled inside the mask's bounding box only."""
-    components = np.zeros(mask.shape, dtype=np.int32)
-    box = mask_box(mask)
-    if box is None:
-        return components, 0
-    inside, n = ndimage.label(mask[box], structure=CONNECTIVITY, output=np.int32)
-    components[box] = inside
-    return components, int(n)
 
 
 def extract_lesions(
