@@ -28,7 +28,7 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from core.geometry import measure_mask
-from core.lesions import CONNECTIVITY, LesionFilter, lesion_box
+from core.lesions import CONNECTIVITY, LesionFilter, lesion_box, robust_sd
 from core.types import LabelId, Segmentation
 
 __all__ = ["EdgeRefinement", "refine_lesion_edges"]
@@ -49,10 +49,6 @@ class EdgeRefinement:
     min_ring_voxels: int = 12
     # what is refined: components the site's lesion filter reports as the model drew them
     keep: LesionFilter = field(default_factory=LesionFilter)
-
-
-def _mad_sd(values: npt.NDArray[np.float32], level: float) -> float:
-    return float(np.median(np.abs(values - level))) * 1.4826
 
 
 def refine_lesion_edges(
@@ -110,7 +106,12 @@ def refine_lesion_edges(
         own = comps[pad] == idx
         # every other lesion voxel as drawn so far (refined ones included), and a voxel around it: no merging
         others = ndimage.binary_dilation((labels_r[pad] == LabelId.LESION) & ~own, CONNECTIVITY)
-        grown = _refined_mask(hu_r[pad].astype(np.float32, copy=False), own, others, labels_r[pad], params)
+        tissue = _surroundings_label(
+            labels_r[pad], own
+        )  # the tissue the lesion sits in, as the model labels it
+        grown = _refined_mask(
+            hu_r[pad].astype(np.float32, copy=False), own, others, labels_r[pad] == tissue, params
+        )
         if grown is None:
             continue
         gained, lost = grown & ~own, own & ~grown
@@ -121,7 +122,7 @@ def refine_lesion_edges(
             labels_r = labels[region]
         changed = True
         local = labels_r[pad]
-        local[lost] = _surroundings_label(local, own)
+        local[lost] = tissue
         local[gained] = LabelId.LESION
         added_r[pad] |= gained
         added_r[pad] &= ~lost
@@ -146,16 +147,13 @@ def _refined_mask(
     hu: npt.NDArray[np.float32],
     own: npt.NDArray[np.bool_],
     others: npt.NDArray[np.bool_],
-    labels: npt.NDArray[np.uint8],
+    organ: npt.NDArray[np.bool_],
     params: EdgeRefinement,
 ) -> npt.NDArray[np.bool_] | None:
     """One lesion's mask with its edge at half contrast, or None when the contrast is not clear enough."""
     inner, outer = params.ring_voxels
     near = ndimage.binary_dilation(own, _IN_PLANE, iterations=inner)
     far = ndimage.binary_dilation(own, _IN_PLANE, iterations=outer)
-    organ = labels == _surroundings_label(
-        labels, own
-    )  # the tissue the lesion sits in, as the model labels it
     ring = far & ~near & ~others & organ
     if np.count_nonzero(ring) < params.min_ring_voxels:
         return None
@@ -165,7 +163,7 @@ def _refined_mask(
     level_in = float(np.median(hu[core]))
     around = hu[ring]
     level_out = float(np.median(around))
-    noise = max(_mad_sd(around, level_out), 1.0)
+    noise = max(robust_sd(around, level_out), 1.0)
     contrast = level_in - level_out
     if abs(contrast) < params.min_cnr * noise:
         return None

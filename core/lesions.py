@@ -23,6 +23,7 @@ __all__ = [
     "laterality_of",
     "lesion_box",
     "mask_box",
+    "robust_sd",
 ]
 
 
@@ -103,6 +104,12 @@ def mask_box(mask: npt.NDArray[np.bool_], margin: int = 0) -> tuple[slice, ...] 
             return None
         box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + 1 + margin, n)))
     return tuple(box)
+
+
+def robust_sd(values: npt.NDArray[np.floating], level: float) -> float:
+    """The median absolute deviation from ``level``, scaled to a Gaussian's SD (a lesion or vessel among the values
+    moves it little)."""
+    return float(np.median(np.abs(values - level))) * 1.4826
 
 
 def lesion_box(labels: npt.NDArray[np.uint8], slab: int = 8) -> tuple[slice, ...] | None:
@@ -281,7 +288,7 @@ def contrast_search(
         return None
     values = hu[core_organ]
     level = float(np.median(values))
-    noise = max(float(np.median(np.abs(values - level))) * 1.4826, 1.0)
+    noise = max(robust_sd(values, level), 1.0)
     grid = np.indices(hu.shape, dtype=float).transpose(1, 2, 3, 0) + lo
     near = np.linalg.norm((grid - centre) * spacing, axis=-1) <= params.radius_mm
     threshold = max(params.seed_sd * noise, params.min_contrast_hu)
