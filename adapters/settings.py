@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     new_lesion_min_axis_ratio: float = _ANALYSIS.new_lesion_min_axis_ratio
     guided_search: bool = _ANALYSIS.guided_search
     contrast_search: bool = _ANALYSIS.contrast_search
+    faint_search: bool = _ANALYSIS.faint_search
     retrospective_check: bool = _ANALYSIS.retrospective_check
     irecist: bool = _ANALYSIS.irecist
     remeasure_priors: bool = _ANALYSIS.remeasure_priors
@@ -252,6 +253,7 @@ class Settings(BaseSettings):
             new_lesion_min_axis_ratio=self.new_lesion_min_axis_ratio,
             guided_search=self.guided_search,
             contrast_search=self.contrast_search,
+            faint_search=self.faint_search,
             retrospective_check=self.retrospective_check,
             irecist=self.irecist,
             remeasure_priors=self.remeasure_priors,

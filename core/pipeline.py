@@ -22,7 +22,7 @@ from core.errors import AnalysisError, IntervalError
 from core.grounding import VerifiedDraft
 from core.history import TimePointAssessment, assess_history, baseline_roles
 from core.irecist import IRecistState, irecist_step
-from core.lesions import LesionFilter, contrast_search, extract_lesions, guided_search
+from core.lesions import LesionFilter, contrast_search, extract_lesions, faint_search, guided_search
 from core.matching import GATE_MM, MatchResult, find_splits_and_merges, match_lesions
 from core.ports import AugmentingSegmenter, ImageSource, PriorStore, ReportDrafter, Segmenter
 from core.recist import (
@@ -68,6 +68,7 @@ class AnalysisSettings:
     contrast_search: bool = (
         True  # and then by its contrast to the organ (liver, lung), if the model saw nothing
     )
+    faint_search: bool = True  # and then by the mean of a ball its size (liver), if no voxel stands out
     irecist: bool = False  # also assess iRECIST (progression confirmed at the next time point)
     remeasure_priors: bool = False  # segment the prior images too and measure prior lesions the same way
     retrospective_check: bool = True  # a "new" lesion the model also finds on the prior image is not new
@@ -452,12 +453,17 @@ def _compare(
             and track_id not in merged_away
         ):
             elsewhere = [d.centroid_lps_mm for d in detected]
+            floor = settings.lesion_filter.min_long_axis_mm
             det = guided_search(volume, seg, pos, f.organ, elsewhere)
             second_look = "second look" if det is not None else None
             if det is None and settings.contrast_search:
-                floor = settings.lesion_filter.min_long_axis_mm
                 det = contrast_search(volume, seg, pos, f.organ, elsewhere, min_long_axis_mm=floor)
                 second_look = "second look (image contrast)" if det is not None else None
+            if det is None and settings.faint_search:
+                det = faint_search(
+                    volume, seg, pos, f.organ, elsewhere, f.long_axis_mm, min_long_axis_mm=floor
+                )
+                second_look = "second look (faint contrast)" if det is not None else None
         if det is not None:
             parts = [det, *(by_lesion[lid] for lid in fragments.get(track_id, ()))]
             obs = TrackObservation(  # RECIST 1.1: the diameters of a fragmented lesion are summed

@@ -384,18 +384,18 @@ def evaluate_tracking_cmd(
     ] = True,
 ) -> None:
     """Track linking, new-lesion recall and RECIST agreement over every follow-up of a cohort."""
+    from adapters.settings import Settings
     from fixtures.synth.evaluation import TruthSegmenter, evaluate_tracking
 
     with _user_errors(out.parent if out else None):
+        settings = Settings()  # the analysis settings the service would use (INTERVAL_* environment)
         if segmenter == "truth":
-            result = evaluate_tracking(cohort, TruthSegmenter, progress=err_console.print)
+            result = evaluate_tracking(cohort, TruthSegmenter, err_console.print, settings.analysis())
         elif segmenter == "model":
-            from adapters.settings import Settings
             from models.segmentation.calibration import calibrated_segmenter
 
-            settings = Settings()
             model = calibrated_segmenter(settings, tta=False, calibrated=calibrated)
-            result = evaluate_tracking(cohort, lambda _: model, progress=err_console.print)
+            result = evaluate_tracking(cohort, lambda _: model, err_console.print, settings.analysis())
             result["model_version"] = model.model_version
             result["calibration_dir"] = str(settings.calibration_dir) if calibrated else None
             result["calibrations_applied"] = dict(model.applied)

@@ -82,6 +82,13 @@ def card_for_settings(settings: Settings, card: Path = CARD) -> ModelCard | Miss
     return ModelCard(version, text, model)
 
 
+_LOOKS = {
+    "guided": "the model at a lower threshold",
+    "contrast": "image contrast",
+    "faint": "the mean of a ball the lesion's size (liver)",
+}
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
@@ -303,8 +310,12 @@ def render_model_card(
             f"{s['new_lesion_recall']['found']}/{s['new_lesion_recall']['total']}, RECIST 1.1 category equal "
             f"to the truth {s['recist_agreement']['agree']}/{s['recist_agreement']['total']} "
             f"({_pct(s['recist_agreement']['rate'])}).",
-            "",
         ]
+        looks = tracking.get("second_look_settings")
+        if looks is not None:  # figures from before the record name no looks
+            on = [_LOOKS[k] for k, v in looks.items() if v and k in _LOOKS]
+            lines.append(f"- Second looks where a prior lesion was missed: {', '.join(on) or 'none'}.")
+        lines.append("")
     if audit is not None:
         lines += ["## Subgroup audit", "", *audit.get("markdown", "").splitlines(), ""]
     if audit_demo is not None:

@@ -78,6 +78,8 @@ def test_the_model_run_applies_the_site_calibrations_as_the_service_does(tmp_pat
     # the follow-up and its prior were both segmented under the GE calibration
     assert sum(calibrated["calibrations_applied"].values()) >= 2, calibrated["calibrations_applied"]
     assert all("Revolution CT" in scanner for scanner in calibrated["calibrations_applied"])
+    # the analysis settings are the service's, from the environment, and the figures say which looks ran
+    assert calibrated["second_look_settings"] == {"guided": True, "contrast": True, "faint": True}
     plain = _evaluate(
         cohort,
         tmp_path / "plain.json",
@@ -85,7 +87,9 @@ def test_the_model_run_applies_the_site_calibrations_as_the_service_does(tmp_pat
         "model",
         "--no-calibrated",
         INTERVAL_CALIBRATION_DIR=str(sites),
+        INTERVAL_FAINT_SEARCH="false",
     )
+    assert plain["second_look_settings"] == {"guided": True, "contrast": True, "faint": False}
     assert plain["calibrations_applied"] == {}
     assert plain["calibration_dir"] is None
     assert plain["model_version"] == calibrated["model_version"]

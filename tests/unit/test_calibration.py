@@ -170,6 +170,19 @@ def test_model_card_is_written_from_the_measured_figures_and_names_missed_target
     refined = render_model_card(config, {**validation, "edge_refinement": True})
     assert "clear-contrast lesion edges placed by the image" in refined
     assert "edge refinement off" in render_model_card(config, {**validation, "edge_refinement": False})
+    # the longitudinal figures name the second looks they ran with (a record from before names none)
+    link = {"correct": 9, "total": 10, "rate": 0.9}
+    agree = {"agree": 3, "total": 3, "rate": 1.0}
+    summary = {"track_links": link, "new_lesion_recall": {"found": 1, "total": 1}, "recist_agreement": agree}
+    tracking = {"summary": {"all": summary}}
+    assert "Track links 9/10" in render_model_card(config, validation, tracking=tracking)
+    assert "Second looks" not in render_model_card(config, validation, tracking=tracking)
+    looks = {"guided": True, "contrast": True, "faint": False}
+    card = render_model_card(config, validation, tracking={**tracking, "second_look_settings": looks})
+    assert (
+        "Second looks where a prior lesion was missed: the model at a lower threshold, image contrast."
+        in card
+    )
 
 
 def test_audit_flags_the_subgroup_served_worse_and_not_the_others():

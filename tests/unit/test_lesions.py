@@ -6,9 +6,11 @@ from scipy import ndimage
 
 from core.lesions import (
     ContrastSearch,
+    FaintSearch,
     LesionFilter,
     contrast_search,
     extract_lesions,
+    faint_search,
     guided_search,
     lesion_box,
     mask_box,
@@ -123,6 +125,39 @@ def test_contrast_search_refuses_a_band_it_grew_into():
     assert contrast_search(vol, seg, where, Organ.LIVER, avoid_lps_mm=[]) is None
     # it is the shape that refuses it: without the rule the band comes back
     assert contrast_search(vol, seg, where, Organ.LIVER, [], ContrastSearch(min_axis_ratio=0.0)) is not None
+
+
+@pytest.mark.parametrize("lesion_hu", [-30.0, 30.0])
+def test_faint_search_finds_a_lesion_no_voxel_of_which_stands_out(lesion_hu):
+    # 7 mm, 30 HU off the liver under 25 HU of grainy noise: the voxel threshold of the contrast look sees nothing,
+    # the mean over a ball the lesion's size does
+    vol, seg = _liver_volume(1, lesion_hu, noise_hu=25.0)
+    expected = tuple(vol.kji_to_lps([10, 32, 31]))  # the prior's aligned position, 2 mm off
+    assert contrast_search(vol, seg, expected, Organ.LIVER, avoid_lps_mm=[]) is None
+    hit = faint_search(vol, seg, expected, Organ.LIVER, [], prior_diameter_mm=12.0)
+    assert hit is not None and hit.organ is Organ.LIVER
+    assert np.allclose(hit.centroid_lps_mm, vol.kji_to_lps([10, 30, 30]), atol=2.0), hit.centroid_lps_mm
+    assert abs(hit.measurement.long_axis_mm - 7.0) <= 2.5, hit.measurement
+    # someone else's lesion; further than the alignment's error; an organ where vessels look like it; under the
+    # site's floor: not searched, or not found
+    assert faint_search(vol, seg, expected, Organ.LIVER, [tuple(vol.kji_to_lps([10, 30, 30]))], 12.0) is None
+    assert faint_search(vol, seg, tuple(vol.kji_to_lps([10, 30, 38])), Organ.LIVER, [], 12.0) is None
+    assert faint_search(vol, seg, expected, Organ.LUNG, [], 12.0) is None
+    assert faint_search(vol, seg, expected, Organ.LIVER, [], 12.0, min_long_axis_mm=12.0) is None
+    # it is the significance that decides: asked for more than this lesion has, nothing
+    assert faint_search(vol, seg, expected, Organ.LIVER, [], 12.0, FaintSearch(min_z=12.0)) is None
+
+
+def test_faint_search_finds_nothing_in_noise_alone():
+    # where a lesion resolved, grainy noise must not come back as it: 60 livers, twice the test's lesion's noise
+    found = []
+    for seed in range(60):
+        vol, seg = _liver_volume(seed, None, noise_hu=25.0)
+        hit = faint_search(
+            vol, seg, tuple(vol.kji_to_lps([10, 30, 30])), Organ.LIVER, [], prior_diameter_mm=15.0
+        )
+        found += [hit] if hit is not None else []
+    assert found == []
 
 
 def test_lesion_box_found_slab_by_slab_is_the_lesion_masks_box():
