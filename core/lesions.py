@@ -357,8 +357,8 @@ def faint_search(
     the same ball everywhere else in the organ around it (``context_mm``, away from the position and from other
     lesions): the test is significant at ``min_z`` of those balls' robust SDs, which carry the grain of the noise
     and the organ's own texture as they are on this series. Only a peak within ``radius_mm`` counts, which keeps
-    the chance of a false find at a resolved lesion's place small (0 of 208 lesion-free liver positions of the
-    longitudinal cohort at the shipped values). The lesion is the voxels within the best ball's reach whose
+    the chance of a false find at a resolved lesion's place small (2 of 444 lesion-free liver positions of the
+    longitudinal cohort, ``fixtures.synth.look_nulls``). The lesion is the voxels within the best ball's reach whose
     1 mm-smoothed contrast reaches half of the ball's, connected to the peak. None when nothing is significant,
     when what is found is another detected lesion, smaller than ``min_long_axis_mm`` or band-like.
     """
