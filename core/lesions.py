@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -244,6 +245,42 @@ class ContrastSearch:
     min_axis_ratio: float = NEW_LESION_MIN_AXIS_RATIO
 
 
+class _OrganAround(NamedTuple):
+    spacing: npt.NDArray[np.float64]
+    centre: npt.NDArray[np.float64]  # the expected position, in voxels of the whole volume
+    lo: npt.NDArray[np.int_]  # the box's first voxel
+    box: tuple[slice, ...]
+    inside: npt.NDArray[np.bool_]  # the organ as the model labels it, with its lesions
+    core: npt.NDArray[
+        np.bool_
+    ]  # away from its edge, where partial volume with the neighbours reads as contrast
+
+
+def _organ_around(
+    volume: Volume,
+    seg: Segmentation,
+    expected_lps_mm: tuple[float, float, float],
+    label: LabelId,
+    context_mm: float,
+) -> _OrganAround | None:
+    """The box of ``context_mm`` around a position and the organ in it; None when the organ is hardly there."""
+    spacing = np.asarray(volume.spacing_kji_mm, dtype=float)
+    centre = np.asarray(volume.lps_to_kji(expected_lps_mm), dtype=float)
+    reach = np.ceil(context_mm / spacing).astype(int)
+    lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
+    hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, volume.shape)
+    if np.any(hi <= lo):
+        return None
+    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    inside = (seg.labels[box] == label) | (seg.labels[box] == LabelId.LESION)
+    if np.count_nonzero(inside) < 50:
+        return None
+    core = ndimage.binary_erosion(inside, structure=np.ones((1, 3, 3), dtype=bool), iterations=2)
+    if np.count_nonzero(core) < 50:
+        return None
+    return _OrganAround(spacing, centre, lo, box, inside, core)
+
+
 def contrast_search(
     volume: Volume,
     seg: Segmentation,
@@ -265,29 +302,16 @@ def contrast_search(
     when what stands out is shorter than ``min_long_axis_mm`` (the site's lesion filter) or band-like.
     """
     label = _ORGAN_LABEL.get(organ)
-    if label is None:
+    around = None if label is None else _organ_around(volume, seg, expected_lps_mm, label, params.context_mm)
+    if around is None:
         return None
-    spacing = np.asarray(volume.spacing_kji_mm, dtype=float)
-    centre = np.asarray(volume.lps_to_kji(expected_lps_mm), dtype=float)
-    reach = np.ceil(params.context_mm / spacing).astype(int)
-    lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
-    hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, volume.shape)
-    if np.any(hi <= lo):
-        return None
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    inside = (seg.labels[box] == label) | (seg.labels[box] == LabelId.LESION)
-    if np.count_nonzero(inside) < 50:
-        return None
+    spacing, centre, lo, box, inside, core_organ = around
     sigma = [
         min(params.smooth_mm / spacing[0], 1.0),
         params.smooth_mm / spacing[1],
         params.smooth_mm / spacing[2],
     ]
     hu = ndimage.gaussian_filter(volume.voxels_hu[box].astype(np.float32), sigma)
-    # the organ proper: away from its edge, where partial volume with the neighbours would read as contrast
-    core_organ = ndimage.binary_erosion(inside, structure=np.ones((1, 3, 3), dtype=bool), iterations=2)
-    if np.count_nonzero(core_organ) < 50:
-        return None
     values = hu[core_organ]
     level = float(np.median(values))
     noise = max(robust_sd(values, level), 1.0)
@@ -359,31 +383,23 @@ def faint_search(
     and the organ's own texture as they are on this series. Only a peak within ``radius_mm`` counts, which keeps
     the chance of a false find at a resolved lesion's place small (2 of 444 lesion-free liver positions of the
     longitudinal cohort, ``fixtures.synth.look_nulls``). The lesion is the voxels within the best ball's reach whose
-    1 mm-smoothed contrast reaches half of the ball's, connected to the peak. None when nothing is significant,
+    contrast, smoothed by a quarter of the ball, reaches half of that at its centre, connected to it. None when nothing is significant,
     when what is found is another detected lesion, smaller than ``min_long_axis_mm`` or band-like.
     """
     label = _ORGAN_LABEL.get(organ)
     if label is None or organ not in params.organs:
         return None
-    spacing = np.asarray(volume.spacing_kji_mm, dtype=float)
-    centre = np.asarray(volume.lps_to_kji(expected_lps_mm), dtype=float)
-    reach = np.ceil(params.context_mm / spacing).astype(int)
-    lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
-    hi = np.minimum(np.ceil(centre).astype(int) + reach + 1, volume.shape)
-    if np.any(hi <= lo):
+    around = _organ_around(volume, seg, expected_lps_mm, label, params.context_mm)
+    if around is None:
         return None
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    spacing, centre, lo, box, inside, core_organ = around
     labels = seg.labels[box]
-    inside = (labels == label) | (labels == LabelId.LESION)
-    core_organ = ndimage.binary_erosion(inside, structure=np.ones((1, 3, 3), dtype=bool), iterations=2)
     hu = volume.voxels_hu[box].astype(np.float32)
     weight = inside.astype(np.float32)
     local = np.indices(hu.shape, dtype=float).transpose(1, 2, 3, 0)
     dist = np.linalg.norm((local + lo - centre) * spacing, axis=-1)
     others = ndimage.binary_dilation(labels == LabelId.LESION, iterations=2)
-    best: tuple[float, float, float, npt.NDArray[np.float32]] | None = (
-        None  # z, diameter, contrast, ball means
-    )
+    best: tuple[float, float, float, npt.NDArray[np.float64]] | None = None  # z, diameter, contrast, where
     for diameter in params.diameters_mm:
         if diameter > max(prior_diameter_mm, params.diameters_mm[0]):
             continue
