@@ -382,7 +382,7 @@ def faint_search(
     lesions): the test is significant at ``min_z`` of those balls' robust SDs, which carry the grain of the noise
     and the organ's own texture as they are on this series. Only a peak within ``radius_mm`` counts, which keeps
     the chance of a false find at a resolved lesion's place small (2 of 444 lesion-free liver positions of the
-    longitudinal cohort, ``fixtures.synth.look_nulls``). The lesion is the voxels within the best ball's reach whose
+    longitudinal cohort, ``interval second-look-nulls``). The lesion is the voxels within the best ball's reach whose
     contrast, smoothed by a quarter of the ball, reaches half of that at its centre, connected to it. None when nothing is significant,
     when what is found is another detected lesion, smaller than ``min_long_axis_mm`` or band-like.
     """

@@ -371,6 +371,34 @@ def history(
         out_console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
+@app.command("second-look-nulls")
+def second_look_nulls_cmd(
+    cohort: Annotated[Path, typer.Argument(help="A cohort made by 'interval synth'.")],
+    organ: Annotated[
+        list[str] | None, typer.Option(help="liver (default) and/or lung; repeat for both.")
+    ] = None,
+    per_study: Annotated[int, typer.Option(help="Lesion-free positions per organ and study.")] = 12,
+    every: Annotated[int, typer.Option(help="Use every n-th follow-up study.")] = 2,
+    out: Annotated[Path | None, typer.Option(help="Write the counts as JSON here.")] = None,
+) -> None:
+    """How often the image second looks answer at lesion-free positions (a resolved lesion read as persisting)."""
+    from core.types import Organ
+    from fixtures.synth.look_nulls import count_null_answers
+    from models.segmentation.inference import MonaiSegmenter
+
+    with _user_errors(out.parent if out else None):
+        names = organ or ["liver"]
+        if any(o not in ("liver", "lung") for o in names):
+            raise InputError(f"--organ must be liver or lung, got {names}")
+        organs = tuple(Organ(o) for o in names)
+        result = count_null_answers(cohort, MonaiSegmenter(), organs, per_study, every)
+        text = json.dumps(result, indent=1)
+        out_console.print(text)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+
+
 @app.command("evaluate-tracking")
 def evaluate_tracking_cmd(
     cohort: Annotated[Path, typer.Argument(help="A cohort made by 'interval synth'.")],

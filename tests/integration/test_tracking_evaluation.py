@@ -94,3 +94,39 @@ def test_the_model_run_applies_the_site_calibrations_as_the_service_does(tmp_pat
     assert plain["calibration_dir"] is None
     assert plain["model_version"] == calibrated["model_version"]
     assert plain["summary"]["all"]["recist_agreement"]["total"] == 1
+
+
+def test_second_look_nulls_counts_answers_at_lesion_free_positions(tmp_path):
+    cohort = tmp_path / "cohort"
+    make_cohort(cohort, 1, CohortOptions(seed=4143, vendors=("uih",), min_time_points=2, max_time_points=2))
+    exe = Path(sys.executable).parent / "interval"
+    out = tmp_path / "nulls.json"
+    command = [
+        str(exe),
+        "second-look-nulls",
+        str(cohort),
+        "--organ",
+        "liver",
+        "--organ",
+        "lung",
+        "--per-study",
+        "4",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["studies"] == 1 and result["model_version"].startswith("interval-seg-unet-")
+    liver, lung = result["answers"]["liver"], result["answers"]["lung"]
+    assert liver["positions"] == lung["positions"] == 4, result["answers"]
+    assert liver["faint"] == 0 and liver["contrast"] == 0, (
+        liver
+    )  # this study's lesion-free liver answers nothing
+    assert lung["faint"] == 0, lung  # the ball look is liver-only
+    assert 0 <= lung["contrast"] <= 4, lung
+    # an organ the looks do not search is refused with a message, not a stack trace
+    bad = subprocess.run(
+        [*command, "--organ", "kidney"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert bad.returncode != 0 and "liver or lung" in bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr
