@@ -67,16 +67,12 @@ def refine_lesion_edges(
     it), not a copy: no second label map of a 512 x 512 series is allocated."""
     if hu.shape != seg.labels.shape:
         raise ValueError(f"HU of shape {hu.shape} for a segmentation of shape {seg.labels.shape}")
-    around = lesion_box(seg.labels)
-    if around is None:
-        return seg
     margin = params.band_voxels + params.ring_voxels[1] + 1
     # everything below happens inside the lesions' bounding box and the margin a refinement looks into: a
     # 512 x 512 series is large, its lesions are not
-    region = tuple(
-        slice(max(b.start - m, 0), min(b.stop + m, n))
-        for b, m, n in zip(around, (1, margin, margin), seg.labels.shape, strict=True)
-    )
+    region = lesion_box(seg.labels, margin=(1, margin, margin))
+    if region is None:
+        return seg
     comps, _ = ndimage.label(seg.labels[region] == LabelId.LESION, structure=CONNECTIVITY)
     voxel_ml = float(np.prod(spacing_kji_mm)) / 1000.0
     keep = params.keep

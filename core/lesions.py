@@ -16,6 +16,7 @@ from core.types import DetectedLesion, LabelId, Organ, Segmentation, Volume
 
 __all__ = [
     "CONNECTIVITY",
+    "ORGAN_LABEL",
     "ContrastSearch",
     "FaintSearch",
     "LesionFilter",
@@ -115,10 +116,12 @@ def robust_sd(values: npt.NDArray[np.floating], level: float) -> float:
     return float(np.median(np.abs(values - level))) * 1.4826
 
 
-def lesion_box(labels: npt.NDArray[np.uint8], slab: int = 8) -> tuple[slice, ...] | None:
-    """The bounding box of the lesion label in a label map (None when there is none), found ``slab`` slices at a
-    time: no lesion mask of the whole series is made (a fresh 31 MB array costs ~60 ms of page faults on a 512
-    series on the benchmark machine)."""
+def lesion_box(
+    labels: npt.NDArray[np.uint8], margin: int | tuple[int, int, int] = 0, slab: int = 8
+) -> tuple[slice, ...] | None:
+    """The bounding box of the lesion label in a label map, widened by ``margin`` voxels (per axis when a tuple;
+    within the array), None when there is none. Found ``slab`` slices at a time: no lesion mask of the whole series
+    is made (a fresh 31 MB array costs ~60 ms of page faults on a 512 series on the benchmark machine)."""
     slices = np.zeros(labels.shape[0], dtype=bool)
     rows = np.zeros(labels.shape[1], dtype=bool)
     cols = np.zeros(labels.shape[2], dtype=bool)
@@ -129,7 +132,13 @@ def lesion_box(labels: npt.NDArray[np.uint8], slab: int = 8) -> tuple[slice, ...
         cols |= part.any(axis=(0, 1))
     if not slices.any():
         return None
-    return tuple(slice(int(h[0]), int(h[-1]) + 1) for h in (np.flatnonzero(a) for a in (slices, rows, cols)))
+    margins = (margin,) * 3 if isinstance(margin, int) else margin
+    return tuple(
+        slice(max(int(h[0]) - m, 0), min(int(h[-1]) + 1 + m, n))
+        for h, m, n in zip(
+            (np.flatnonzero(a) for a in (slices, rows, cols)), margins, labels.shape, strict=True
+        )
+    )
 
 
 def extract_lesions(
@@ -139,12 +148,9 @@ def extract_lesions(
     out: list[DetectedLesion] = []
     # label only the box around all lesion voxels (plus the 3-voxel margin each lesion gets below): the same
     # components as labelling the whole volume, in a fraction of the time on a 512 x 512 series
-    around = lesion_box(seg.labels)
-    if around is None:
+    crop = lesion_box(seg.labels, margin=3)
+    if crop is None:
         return out
-    crop = tuple(
-        slice(max(b.start - 3, 0), min(b.stop + 3, n)) for b, n in zip(around, seg.labels.shape, strict=True)
-    )
     lo = [s.start for s in crop]
     comps, _ = ndimage.label(seg.labels[crop] == LabelId.LESION, structure=CONNECTIVITY)
     boxes = ndimage.find_objects(comps)
@@ -227,7 +233,8 @@ def guided_search(
     return hit if hit.measurement.long_axis_mm >= min_long_axis_mm else None
 
 
-_ORGAN_LABEL = {Organ.LIVER: LabelId.LIVER, Organ.LUNG: LabelId.LUNG}
+# the organs the image looks search, and their label: the organ's own level is the lesion's background
+ORGAN_LABEL = {Organ.LIVER: LabelId.LIVER, Organ.LUNG: LabelId.LUNG}
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,13 +254,12 @@ class ContrastSearch:
 
 class _OrganAround(NamedTuple):
     spacing: npt.NDArray[np.float64]
-    centre: npt.NDArray[np.float64]  # the expected position, in voxels of the whole volume
     lo: npt.NDArray[np.int_]  # the box's first voxel
     box: tuple[slice, ...]
     inside: npt.NDArray[np.bool_]  # the organ as the model labels it, with its lesions
-    core: npt.NDArray[
-        np.bool_
-    ]  # away from its edge, where partial volume with the neighbours reads as contrast
+    # away from its edge, where partial volume with the neighbours reads as contrast
+    core: npt.NDArray[np.bool_]
+    dist_mm: npt.NDArray[np.float64]  # each voxel's distance from the expected position
 
 
 def _organ_around(
@@ -278,7 +284,8 @@ def _organ_around(
     core = ndimage.binary_erosion(inside, structure=np.ones((1, 3, 3), dtype=bool), iterations=2)
     if np.count_nonzero(core) < 50:
         return None
-    return _OrganAround(spacing, centre, lo, box, inside, core)
+    grid = np.indices(inside.shape, dtype=float).transpose(1, 2, 3, 0) + lo
+    return _OrganAround(spacing, lo, box, inside, core, np.linalg.norm((grid - centre) * spacing, axis=-1))
 
 
 def contrast_search(
@@ -301,11 +308,11 @@ def contrast_search(
     half of its peak contrast (the edge of a blurred step) within the organ. None when nothing stands out, or
     when what stands out is shorter than ``min_long_axis_mm`` (the site's lesion filter) or band-like.
     """
-    label = _ORGAN_LABEL.get(organ)
+    label = ORGAN_LABEL.get(organ)
     around = None if label is None else _organ_around(volume, seg, expected_lps_mm, label, params.context_mm)
     if around is None:
         return None
-    spacing, centre, lo, box, inside, core_organ = around
+    spacing, lo, box, inside, core_organ, dist = around
     sigma = [
         min(params.smooth_mm / spacing[0], 1.0),
         params.smooth_mm / spacing[1],
@@ -315,8 +322,7 @@ def contrast_search(
     values = hu[core_organ]
     level = float(np.median(values))
     noise = max(robust_sd(values, level), 1.0)
-    grid = np.indices(hu.shape, dtype=float).transpose(1, 2, 3, 0) + lo
-    near = np.linalg.norm((grid - centre) * spacing, axis=-1) <= params.radius_mm
+    near = dist <= params.radius_mm
     threshold = max(params.seed_sd * noise, params.min_contrast_hu)
     blobs: list[npt.NDArray[np.bool_]] = []
     for sign in (-1.0, 1.0):
@@ -382,22 +388,21 @@ def faint_search(
     lesions): the test is significant at ``min_z`` of those balls' robust SDs, which carry the grain of the noise
     and the organ's own texture as they are on this series. Only a peak within ``radius_mm`` counts, which keeps
     the chance of a false find at a resolved lesion's place small (2 of 444 lesion-free liver positions of the
-    longitudinal cohort, ``interval second-look-nulls``). The lesion is the voxels within the best ball's reach whose
-    contrast, smoothed by a quarter of the ball, reaches half of that at its centre, connected to it. None when nothing is significant,
-    when what is found is another detected lesion, smaller than ``min_long_axis_mm`` or band-like.
+    longitudinal cohort, ``interval second-look-nulls``). The lesion is the voxels within the best ball's reach
+    whose contrast, smoothed by a quarter of the ball, reaches half of that at its centre, connected to it. None
+    when nothing is significant, when what is found is another detected lesion, smaller than ``min_long_axis_mm``
+    or band-like.
     """
-    label = _ORGAN_LABEL.get(organ)
+    label = ORGAN_LABEL.get(organ)
     if label is None or organ not in params.organs:
         return None
     around = _organ_around(volume, seg, expected_lps_mm, label, params.context_mm)
     if around is None:
         return None
-    spacing, centre, lo, box, inside, core_organ = around
+    spacing, lo, box, inside, core_organ, dist = around
     labels = seg.labels[box]
     hu = volume.voxels_hu[box].astype(np.float32)
     weight = inside.astype(np.float32)
-    local = np.indices(hu.shape, dtype=float).transpose(1, 2, 3, 0)
-    dist = np.linalg.norm((local + lo - centre) * spacing, axis=-1)
     others = ndimage.binary_dilation(labels == LabelId.LESION, iterations=2)
     best: tuple[float, float, float, npt.NDArray[np.float64]] | None = None  # z, diameter, contrast, where
     for diameter in params.diameters_mm:
@@ -430,9 +435,13 @@ def faint_search(
     smooth = ndimage.gaussian_filter(hu, [min(sigma[0], 1.0), sigma[1], sigma[2]])
     level = float(np.median(smooth[core_organ & ~others]))
     signed = np.sign(contrast) * (smooth - level)
-    around = np.linalg.norm((local - peak) * spacing, axis=-1)
-    centre_vox = np.unravel_index(int(np.argmax(np.where(around <= diameter / 4, signed, -np.inf))), hu.shape)
-    cand = (signed >= signed[centre_vox] / 2) & inside & (around <= diameter * 0.75)
+    from_peak = np.linalg.norm(
+        (np.indices(hu.shape, dtype=float).transpose(1, 2, 3, 0) - peak) * spacing, axis=-1
+    )
+    centre_vox = np.unravel_index(
+        int(np.argmax(np.where(from_peak <= diameter / 4, signed, -np.inf))), hu.shape
+    )
+    cand = (signed >= signed[centre_vox] / 2) & inside & (from_peak <= diameter * 0.75)
     comps, _ = ndimage.label(cand, structure=CONNECTIVITY)
     lesion = comps == comps[centre_vox]
     start = [int(v) for v in lo]

@@ -382,15 +382,16 @@ def second_look_nulls_cmd(
     out: Annotated[Path | None, typer.Option(help="Write the counts as JSON here.")] = None,
 ) -> None:
     """How often the image second looks answer at lesion-free positions (a resolved lesion read as persisting)."""
-    from core.types import Organ
+    from core.lesions import ORGAN_LABEL
     from fixtures.synth.look_nulls import count_null_answers
     from models.segmentation.inference import MonaiSegmenter
 
     with _user_errors(out.parent if out else None):
+        searched = {o.value: o for o in ORGAN_LABEL}  # the organs the image looks search
         names = organ or ["liver"]
-        if any(o not in ("liver", "lung") for o in names):
-            raise InputError(f"--organ must be liver or lung, got {names}")
-        organs = tuple(Organ(o) for o in names)
+        if any(o not in searched for o in names):
+            raise InputError(f"--organ must be {' or '.join(searched)}, got {names}")
+        organs = tuple(searched[o] for o in names)
         result = count_null_answers(cohort, MonaiSegmenter(), organs, per_study, every)
         text = json.dumps(result, indent=1)
         out_console.print(text)

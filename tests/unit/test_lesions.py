@@ -170,3 +170,17 @@ def test_lesion_box_found_slab_by_slab_is_the_lesion_masks_box():
             labels[k, j, i] = LabelId.LESION
         slab = int(rng.integers(1, 10))
         assert lesion_box(labels, slab=slab) == mask_box(labels == LabelId.LESION)
+        # widened, within the array: as mask_box widens, and per axis
+        margin = int(rng.integers(0, 5))
+        assert lesion_box(labels, margin, slab) == mask_box(labels == LabelId.LESION, margin)
+        wide = lesion_box(labels, (0, margin, 1), slab)
+        plain = mask_box(labels == LabelId.LESION)
+        if plain is not None and wide is not None:
+            expected = (
+                plain[0],
+                mask_box(labels == LabelId.LESION, margin)[1],
+                mask_box(labels == LabelId.LESION, 1)[2],
+            )
+            assert wide == expected
+        else:
+            assert plain is None and wide is None
